@@ -1,0 +1,88 @@
+"""Shared fixtures: small synthetic logs, data sets built from them, and a moto S3 server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PATCHREC_DATA = SHARED / "data" / "patchrec"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def small_log():
+    from patchrec_dist.data.synthetic import SyntheticSpec, generate_log
+
+    return generate_log(SyntheticSpec(users=120, items=80, mean_history=25, max_history=200, seed=7))
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory, small_log) -> str:
+    """A local data set sharded from the small synthetic log (parquet table format)."""
+    from patchrec_dist.data.synthetic import write_log
+    from tools.shard_histories import main as shard_main
+
+    root = tmp_path_factory.mktemp("small")
+    paths = write_log(*small_log, root / "raw", "parquet")
+    out = str(root / "ds")
+    rc = shard_main([
+        "--format", "table", "--input", paths["interactions"], "--items", paths["items"],
+        "--user-col", "user", "--item-col", "item", "--time-col", "timestamp", "--rating-col", "rating",
+        "--output", out, "--shard-size", "17", "--workers", "1", "--no-progress", "--split", "leave-one-out",
+    ])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real S3 API (moto's server) on 127.0.0.1; yields its endpoint URL."""
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not found: install the test extra (pip install -e '.[test]')")
+    port = free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start within 30 s")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3_env(moto_server, monkeypatch):
+    """Environment through which every process (and DataLoader worker) reaches the moto server."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("PATCHREC_S3_ENDPOINT", moto_server)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_server}, skip_instance_cache=True)
+    bucket = f"bucket-{time.time_ns()}"
+    fs.mkdir(bucket)
+    return {"endpoint": moto_server, "bucket": bucket, "fs": fs}
