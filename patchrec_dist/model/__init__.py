@@ -1,0 +1,10 @@
+"""Model-side pieces: patch embeddings (one embedding call per micro-step)."""
+
+from patchrec_dist.model.patch_embed import (
+    PatchIndex,
+    embed_with_patches,
+    per_item_loop_reference,
+    segment_mean,
+)
+
+__all__ = ["PatchIndex", "embed_with_patches", "per_item_loop_reference", "segment_mean"]
