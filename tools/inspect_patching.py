@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Show which history items a stage feeds as text, item patches or session patches.
+
+    python tools/inspect_patching.py --history-len 23 --stage pft-s --group-size 5
+    python tools/inspect_patching.py --history-len 23 --stage pft-s --json
+    python tools/inspect_patching.py --history-len 10000 --stage budget --max-positions 500 --title-tokens 10
+    python tools/inspect_patching.py --history-len 30 --stage ppt --p 0.5 --seed 0
+
+Without a data set the history is synthetic: N items whose titles all cost --title-tokens tokens
+(default 1). --json prints {"segments": [{"kind": ..., "items": [...]}, ...], "positions": P}.
+The layout rules live in patchrec_dist.patching.layouts; this script only parses flags and prints.
+
+Exit status: 0 on success, 2 on bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+try:
+    from patchrec_dist.patching.layouts import (
+        MIN_BUDGET_POSITIONS,
+        STAGES,
+        LayoutSpec,
+        Segment,
+        make_layout,
+        positions_fed,
+        ppt_rng,
+    )
+except ImportError as exc:  # pragma: no cover - only without an installed package
+    sys.exit(f"inspect_patching: cannot import patchrec_dist ({exc}); install it first: pip install -e .")
+
+
+@dataclass
+class History:
+    """What a layout needs to know about one history; a data-set reader would fill `times` too."""
+
+    n: int
+    title_lens: list[int]
+    times: list[float] | None = None
+    label: str = "synthetic history"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    h = p.add_argument_group("synthetic history")
+    h.add_argument("--history-len", type=int, default=None, metavar="N", help="number of history items")
+    h.add_argument("--title-tokens", type=int, default=1, metavar="T",
+                   help="tokens per title: what a text item costs besides its separator (default 1)")
+    # Hook for a later data-set mode: read one user's real history (titles tokenized, timestamps
+    # for --session-gap) into a History in history_from_data(); nothing else here needs to change.
+    d = p.add_argument_group("data set (not implemented yet)")
+    d.add_argument("--data", default=None, metavar="URL", help="data set folder or URL (not implemented yet)")
+    d.add_argument("--user", default=None, metavar="ID", help="user whose history to show (with --data)")
+    d.add_argument("--split", default="test", choices=("train", "val", "test"), help="with --data (default test)")
+    s = p.add_argument_group("stage")
+    s.add_argument("--stage", required=True, choices=STAGES)
+    s.add_argument("--max-text-items", type=int, default=None, metavar="K", help="text: keep only the last K items")
+    s.add_argument("--item-len", type=int, default=None, metavar="K", help="pft-i: items kept as text (default 5)")
+    s.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help="pft-s: g (default 5); budget: the PFT-S shape it starts from")
+    s.add_argument("--max-positions", type=int, default=None, metavar="M", help="budget: history positions allowed")
+    s.add_argument("--p", type=float, default=None, help="ppt: probability that an item is an item patch")
+    s.add_argument("--seed", type=int, default=0, help="ppt: seed (epoch 0, example key 0)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help='print {"segments": [...], "positions": P}')
+    return p
+
+
+# Flags that only make sense for some stages: giving them elsewhere is an error, not silently ignored.
+_STAGE_FLAGS = {
+    "max_text_items": ("--max-text-items", ("text",)),
+    "item_len": ("--item-len", ("pft-i",)),
+    "group_size": ("--group-size", ("pft-s", "budget")),
+    "max_positions": ("--max-positions", ("budget",)),
+    "p": ("--p", ("ppt",)),
+}
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad values, naming the flag (parser.error exits with status 2)."""
+
+    def at_least(value: int | None, flag: str, minimum: int) -> None:
+        if value is not None and value < minimum:
+            parser.error(f"{flag} must be >= {minimum}; got {value}")
+
+    if args.data is not None:
+        parser.error("--data is not implemented yet; use --history-len N for a synthetic history")
+    if args.user is not None:
+        parser.error("--user needs --data (not implemented yet)")
+    if args.history_len is None:
+        parser.error("--history-len is required (without --data)")
+    at_least(args.history_len, "--history-len", 0)
+    at_least(args.title_tokens, "--title-tokens", 1)
+    at_least(args.max_text_items, "--max-text-items", 0)
+    at_least(args.item_len, "--item-len", 0)
+    at_least(args.group_size, "--group-size", 1)
+    at_least(args.max_positions, "--max-positions", MIN_BUDGET_POSITIONS)
+    at_least(args.seed, "--seed", 0)
+    for attr, (flag, stages) in _STAGE_FLAGS.items():
+        if getattr(args, attr) is not None and args.stage not in stages:
+            parser.error(f"{flag} applies to --stage {' / '.join(stages)}, not {args.stage}")
+    if args.stage == "budget" and args.max_positions is None:
+        parser.error("--stage budget needs --max-positions")
+    if args.stage == "ppt":
+        if args.p is None:
+            parser.error("--stage ppt needs --p")
+        if not 0.0 <= args.p <= 1.0:
+            parser.error(f"--p must be in [0, 1]; got {args.p}")
+
+
+def spec_from_args(args: argparse.Namespace) -> LayoutSpec:
+    kwargs = {"stage": args.stage, "max_text_items": args.max_text_items, "max_positions": args.max_positions}
+    if args.item_len is not None:
+        kwargs["item_len"] = args.item_len
+    if args.group_size is not None:
+        kwargs["group_size"] = args.group_size
+    return LayoutSpec(**kwargs)
+
+
+def history_from_flags(args: argparse.Namespace) -> History:
+    return History(n=args.history_len, title_lens=[args.title_tokens] * args.history_len)
+
+
+def history_from_data(args: argparse.Namespace) -> History:  # pragma: no cover - the hook
+    raise NotImplementedError("--data mode: read args.user's history from args.data (split args.split)")
+
+
+def layout_for(spec: LayoutSpec, history: History, args: argparse.Namespace) -> list[Segment]:
+    rng = ppt_rng(args.seed, 0, 0) if spec.stage == "ppt" else None
+    return make_layout(spec, history.n, title_lens=history.title_lens, times=history.times, p=args.p or 0.0, rng=rng)
+
+
+def as_json(segments: Sequence[Segment], positions: int) -> str:
+    return json.dumps({"segments": [{"kind": s.kind, "items": list(s.items)} for s in segments], "positions": positions})
+
+
+def as_picture(segments: Sequence[Segment], positions: int, all_text: int) -> str:
+    lines = []
+    for seg in segments:
+        if seg.kind == "session":
+            span = f"{seg.items[0]}-{seg.items[-1]}" if len(seg.items) > 1 else f"{seg.items[0]}"
+            lines.append(f"session [{span}]")
+        else:
+            lines.append(f"{seg.kind} {seg.items[0]}")
+    share = f"{100.0 * positions / all_text:.1f}%" if all_text else "-"
+    lines.append(f"positions fed: {positions} (all-text prompt: {all_text}, {share})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    history = history_from_data(args) if args.data is not None else history_from_flags(args)
+    try:
+        spec = spec_from_args(args)
+        segments = layout_for(spec, history, args)
+    except ValueError as exc:  # the library names the parameter; flags were checked above
+        parser.error(str(exc))
+    positions = positions_fed(segments, history.title_lens)
+    if args.json:
+        print(as_json(segments, positions))
+    else:
+        all_text = sum(history.title_lens) + history.n
+        print(as_picture(segments, positions, all_text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
