@@ -312,6 +312,7 @@ def test_paper_ml100k_counts_match_the_released_code(tmp_path):
     assert (m.counts["users"], m.counts["items"], m.counts["interactions"]) == (682, 1682, 51824)
     assert m.counts["examples"] == {"train": 47749, "val": 1005, "test": 1024}
     assert json.loads((Path(out) / MANIFEST_NAME).read_text())["split"]["protocol"] == "keep"
+    assert m.prompt["system"] == "You are a helpful assistant in movie recommendations."
     with open(PATCHREC_DATA / "ml-100k" / "seq.df", "rb") as f:
         frame = pickle.load(f)
     _, users = read_all(out)

@@ -183,3 +183,16 @@ def test_altered_shard_fails_the_stream(small_dataset, tmp_path):
     with pytest.raises(DataSetError, match="truncated"):
         for _ in StreamLoader(str(copy), StreamConfig(split="train", batch_size=4, num_workers=0), rank=0, world=1):
             pass
+
+
+def test_examples_know_their_batch_number(small_dataset):
+    cfg = StreamConfig(split="train", batch_size=3, num_workers=2)
+    loader = StreamLoader(small_dataset, cfg, rank=1, world=2)
+    for j, batch in enumerate(loader):
+        assert {e.batch for e in batch} == {j}
+        if j == 5:
+            state = loader.state_dict()
+            break
+    resumed = StreamLoader(small_dataset, cfg, rank=1, world=2)
+    resumed.load_state_dict(state)
+    assert {e.batch for e in next(iter(resumed))} == {6}

@@ -5,6 +5,8 @@
     python tools/inspect_patching.py --history-len 23 --stage pft-s --json
     python tools/inspect_patching.py --history-len 10000 --stage budget --max-positions 500 --title-tokens 10
     python tools/inspect_patching.py --history-len 30 --stage ppt --p 0.5 --seed 0
+    python tools/inspect_patching.py --data data/ml100k --user 42 --split test --stage pft-s --group-size 5 \
+        --tokenizer ../shared/tokenizers/llama-3.2
 
 Without a data set the history is synthetic: N items whose titles all cost --title-tokens tokens
 (default 1). --json prints {"segments": [{"kind": ..., "items": [...]}, ...], "positions": P}.
@@ -43,6 +45,7 @@ class History:
     title_lens: list[int]
     times: list[float] | None = None
     label: str = "synthetic history"
+    titles: list[str] | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per title: what a text item costs besides its separator (default 1)")
     # Hook for a later data-set mode: read one user's real history (titles tokenized, timestamps
     # for --session-gap) into a History in history_from_data(); nothing else here needs to change.
-    d = p.add_argument_group("data set (not implemented yet)")
-    d.add_argument("--data", default=None, metavar="URL", help="data set folder or URL (not implemented yet)")
+    d = p.add_argument_group("data set")
+    d.add_argument("--data", default=None, metavar="URL", help="data set folder or URL (a manifest.json there)")
     d.add_argument("--user", default=None, metavar="ID", help="user whose history to show (with --data)")
     d.add_argument("--split", default="test", choices=("train", "val", "test"), help="with --data (default test)")
+    d.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="HF tokenizer folder for title lengths (default: words per title)")
+    d.add_argument("--max-history", type=int, default=100, help="with --data: most recent items kept (default 100)")
+    d.add_argument("--session-gap", type=float, default=None, help="pft-s/budget: time-gap sessions (seconds)")
+    d.add_argument("--max-session-items", type=int, default=None)
     s = p.add_argument_group("stage")
     s.add_argument("--stage", required=True, choices=STAGES)
     s.add_argument("--max-text-items", type=int, default=None, metavar="K", help="text: keep only the last K items")
@@ -89,10 +97,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"{flag} must be >= {minimum}; got {value}")
 
     if args.data is not None:
-        parser.error("--data is not implemented yet; use --history-len N for a synthetic history")
-    if args.user is not None:
-        parser.error("--user needs --data (not implemented yet)")
-    if args.history_len is None:
+        if args.user is None:
+            parser.error("--data needs --user ID")
+        if args.history_len is not None:
+            parser.error("--history-len is for a synthetic history; with --data the history is the user's")
+    elif args.user is not None:
+        parser.error("--user needs --data")
+    elif args.history_len is None:
         parser.error("--history-len is required (without --data)")
     at_least(args.history_len, "--history-len", 0)
     at_least(args.title_tokens, "--title-tokens", 1)
@@ -114,7 +125,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def spec_from_args(args: argparse.Namespace) -> LayoutSpec:
-    kwargs = {"stage": args.stage, "max_text_items": args.max_text_items, "max_positions": args.max_positions}
+    kwargs = {"stage": args.stage, "max_text_items": args.max_text_items, "max_positions": args.max_positions,
+              "session_gap": getattr(args, "session_gap", None), "max_session_items": getattr(args, "max_session_items", None)}
     if args.item_len is not None:
         kwargs["item_len"] = args.item_len
     if args.group_size is not None:
@@ -126,8 +138,44 @@ def history_from_flags(args: argparse.Namespace) -> History:
     return History(n=args.history_len, title_lens=[args.title_tokens] * args.history_len)
 
 
-def history_from_data(args: argparse.Namespace) -> History:  # pragma: no cover - the hook
-    raise NotImplementedError("--data mode: read args.user's history from args.data (split args.split)")
+def _fail(message: str) -> None:
+    print(f"inspect_patching: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def history_from_data(args: argparse.Namespace) -> History:
+    """The history before the user's first target of --split, with titles and their token counts."""
+    from patchrec_dist.data.catalog import catalog_titles
+    from patchrec_dist.data.manifest import DataSetError, load_manifest
+    from patchrec_dist.data.stream import read_shard
+
+    try:
+        manifest = load_manifest(args.data)
+        titles = catalog_titles(manifest)
+        record = next((r for i in range(len(manifest.shards)) for r in read_shard(manifest, i)
+                       if r.user == str(args.user)), None)
+    except DataSetError as exc:
+        _fail(str(exc))
+    if record is None:
+        _fail(f"--user {args.user}: no such user in {args.data}")
+    rng = record.splits.get(args.split)
+    if rng is None or len(record.items) <= 3 or rng[1] < 3:
+        _fail(f"--user {args.user} has no {args.split} target")
+    t = max(rng[0], 3)
+    lo = max(0, t - args.max_history) if args.max_history else 0
+    items = record.items[lo:t].tolist()
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        lens = [len(x) for x in tok([titles[i] for i in items], add_special_tokens=False)["input_ids"]]
+    else:
+        lens = [max(1, len(titles[i].split())) for i in items]
+    times = record.times[lo:t].tolist() if record.times is not None else None
+    label = (f"user {record.user}, {args.split} target at position {t}: {titles[int(record.items[t])]!r}; "
+             f"{len(items)} history items (of {t}), title lengths in "
+             + ("tokens of " + args.tokenizer if args.tokenizer else "words (give --tokenizer for tokens)"))
+    return History(n=len(items), title_lens=lens, times=times, label=label, titles=[titles[i] for i in items])
 
 
 def layout_for(spec: LayoutSpec, history: History, args: argparse.Namespace) -> list[Segment]:
@@ -139,14 +187,20 @@ def as_json(segments: Sequence[Segment], positions: int) -> str:
     return json.dumps({"segments": [{"kind": s.kind, "items": list(s.items)} for s in segments], "positions": positions})
 
 
-def as_picture(segments: Sequence[Segment], positions: int, all_text: int) -> str:
+def as_picture(segments: Sequence[Segment], positions: int, all_text: int, titles: list[str] | None = None) -> str:
     lines = []
     for seg in segments:
         if seg.kind == "session":
             span = f"{seg.items[0]}-{seg.items[-1]}" if len(seg.items) > 1 else f"{seg.items[0]}"
-            lines.append(f"session [{span}]")
+            line = f"session [{span}]"
+            if titles:
+                names = [titles[i] for i in seg.items]
+                line += f"  {len(names)} items: " + "; ".join(names[:3]) + (" ..." if len(names) > 3 else "")
         else:
-            lines.append(f"{seg.kind} {seg.items[0]}")
+            line = f"{seg.kind} {seg.items[0]}"
+            if titles:
+                line = f"{line:<12}{titles[seg.items[0]]}"
+        lines.append(line)
     share = f"{100.0 * positions / all_text:.1f}%" if all_text else "-"
     lines.append(f"positions fed: {positions} (all-text prompt: {all_text}, {share})")
     return "\n".join(lines)
@@ -167,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         print(as_json(segments, positions))
     else:
         all_text = sum(history.title_lens) + history.n
-        print(as_picture(segments, positions, all_text))
+        if args.data is not None:
+            print(history.label)
+        print(as_picture(segments, positions, all_text, history.titles))
     return 0
 
 

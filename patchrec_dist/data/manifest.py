@@ -45,6 +45,7 @@ class Manifest:
     counts: dict[str, Any]
     catalog: dict[str, Any]
     shards: list[ShardInfo]
+    prompt: dict[str, str] | None = None  # {"system", "instruction"} when the source carries its own
     root: str = field(default="", compare=False)
 
     def to_json(self) -> str:

@@ -32,6 +32,7 @@ class RawLog:
     splits: pl.DataFrame | None = None  # user, {train,val,test}_{start,end}: kept ranges (format patchrec)
     has_timestamps: bool = True
     sources: dict[str, str] | None = None  # role -> file path, for messages
+    prompt: dict[str, str] | None = None  # the data set's own prompt (patchrec's prompt.txt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,8 +324,16 @@ def read_patchrec(folder: str, trust_pickle: bool, encoding: str = "utf-8", stor
         keys_t.append(key)
         titles.append(title)
     items_df = _items(title_path, pl.Series(keys_t), pl.Series(titles), None, "id", "title")
+    prompt = None
+    prompt_path = storage.join(folder, "prompt.txt")
+    if storage.exists(prompt_path, storage_options):
+        lines = [ln.strip() for ln in decode_strict(_read_raw(prompt_path, storage_options), prompt_path,
+                                                      encoding).splitlines() if ln.strip()]
+        if len(lines) != 2 or "[HISTORY_SEQUENCE]" not in lines[1]:
+            raise InputError(f"{prompt_path}: expected two lines, system and an instruction with [HISTORY_SEQUENCE]")
+        prompt = {"system": lines[0], "instruction": lines[1]}
     return RawLog(interactions, items_df, splits=splits, has_timestamps=False,
-                  sources={"interactions": seq_path, "items": title_path})
+                  sources={"interactions": seq_path, "items": title_path}, prompt=prompt)
 
 
 def _patchrec_range(value, length: int, path: str, row: int, split: str) -> tuple[int | None, int | None]:

@@ -473,6 +473,7 @@ def shard_log(log: RawLog, opts: ShardOptions, source: dict[str, Any]) -> Manife
                     "examples": {s: int(per_user[:, i].sum()) for i, s in enumerate(SPLITS)}},
             catalog=catalog,
             shards=shards,
+            prompt=log.prompt,
             root=out,
         )
         storage.write_bytes_atomic(manifest_url, manifest.to_json().encode(), opts.storage_options)

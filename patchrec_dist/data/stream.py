@@ -77,6 +77,7 @@ class Example:
     index: int  # position in the epoch's global order
     epoch: int
     pad: bool = False  # a repeat that only fills the last batch (remainder="pad"); weight it 0
+    batch: int = -1  # which of its rank's batches (in this epoch) the example lands in
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,9 +328,12 @@ class HistoryStream(IterableDataset):
 
     def _iter_worker(self, worker: int) -> Iterator[Any]:
         slot = self.rank * self.workers + worker
-        skip = _worker_batches_before(self.start_batch, worker, self.workers) * self.cfg.batch_size
-        for ex in iter_examples(self.manifest, self.plan, self.cfg, slot_intervals(self.plan, slot, skip),
-                                self.storage_options):
+        done = _worker_batches_before(self.start_batch, worker, self.workers)
+        b = self.cfg.batch_size
+        examples = iter_examples(self.manifest, self.plan, self.cfg, slot_intervals(self.plan, slot, done * b),
+                                 self.storage_options)
+        for i, ex in enumerate(examples):
+            ex.batch = (done + i // b) * self.workers + worker
             yield self.transform(ex) if self.transform else ex
 
     def _iter_in_process(self) -> Iterator[Any]:

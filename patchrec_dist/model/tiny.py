@@ -1,0 +1,38 @@
+"""A tiny random Llama and a tokenizer trained on the catalog's titles: real components, small
+enough for tests and smoke runs on CPU (`--model tiny`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from patchrec_dist.patching.prompt import CHATML_TEMPLATE, PATCHREC_TOKENS
+
+TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def train_title_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
+    """A byte-level BPE tokenizer (the scheme Llama-3 and SmolLM2 use) trained on TEXTS, with a
+    ChatML chat template and the PatchRec special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*TINY_SPECIAL_TOKENS, *PATCHREC_TOKENS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>", unk_token=None)
+    wrapped.chat_template = CHATML_TEMPLATE
+    return wrapped
+
+
+def tiny_llama_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+                      max_positions: int = 4096, tie_embeddings: bool = False):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings,
+                       rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=0)
