@@ -351,6 +351,15 @@ def collate_examples(batch: list[Any]) -> list[Any]:
     return batch
 
 
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """SIGTERM/SIGUSR1 are for the trainer: the deepspeed launcher signals the whole process tree,
+    and a worker that died on it would fail the step the trainer is finishing before it saves."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StreamLoader:
     """A DataLoader over HistoryStream that knows where it is: iterate it for one epoch's batches;
     state_dict() / load_state_dict() give a rank-independent position (epoch, work, batches)."""
@@ -400,6 +409,7 @@ class StreamLoader:
                 collate_fn=self.collate_fn, persistent_workers=False,
                 prefetch_factor=self.prefetch_factor if self.cfg.num_workers > 0 else None,
                 multiprocessing_context="fork" if self.cfg.num_workers > 0 else None,
+                worker_init_fn=_worker_ignores_stop_signals if self.cfg.num_workers > 0 else None,
             )
             for batch in loader:
                 self.batches_done += 1

@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Patch pre-training (PPT): `deepspeed [--num_gpus N] launchers/pretrain.py --data URL --output DIR ...`
+
+Every flag is listed by --help; docs/training.md explains them. Exit 75 means "stopped on a
+signal at a checkpoint: run me again (the same command) to resume".
+"""
+
+import sys
+
+from patchrec_dist.train.config import parse_config
+from patchrec_dist.train.trainer import train
+
+if __name__ == "__main__":
+    sys.exit(train(parse_config(defaults={"stage": "ppt"}, description=__doc__)))

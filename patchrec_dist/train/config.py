@@ -1,0 +1,210 @@
+"""Training configuration: one dataclass, one override syntax.
+
+Every field is a flag (`--micro-batch 8` for `micro_batch`); `--config run.yaml` (or .json) sets
+any of them first, and flags on the command line win. The resolved config is saved beside every
+checkpoint; its hash (over the fields that change what a checkpoint means) guards resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from patchrec_dist.patching.layouts import LayoutSpec
+
+STAGES = ("text", "ppt", "pft-i", "pft-s", "budget")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = _f("", "data set folder or URL (the folder with manifest.json)")
+    split: str = _f("train", "split to train on")
+    max_history: int | None = _f(100, "most recent history items per example (the paper: 100); 0 keeps all")
+    num_workers: int = _f(2, "DataLoader workers per rank (patching runs there)")
+    window_shards: int = _f(2, "shards shuffled together (the shuffle buffer)")
+    prompt_file: str | None = _f(None, "two-line prompt file (system, instruction); default: the data set's")
+    domain: str | None = _f(None, "movie or book: the paper's prompt for that domain")
+    # model
+    model: str = _f("tiny", "HF folder or hub id, a .gguf file, 'smollm2' or 'tiny' (random, for tests)")
+    init: str | None = _f(None, "start from a previous run (its final export) or an HF folder")
+    tiny_hidden: int = _f(64, "tiny model: hidden size")
+    tiny_layers: int = _f(2, "tiny model: layers")
+    tiny_vocab: int = _f(1024, "tiny model: tokenizer vocabulary trained on the catalog titles")
+    lora: bool = _f(False, "train LoRA adapters (peft) instead of all weights")
+    lora_rank: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA alpha")
+    lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names for LoRA")
+    bf16: bool = _f(False, "bf16 weights and activations")
+    grad_checkpointing: bool = _f(False, "recompute activations in backward")
+    # stage
+    stage: str = _f("pft-s", "layout: text, ppt, pft-i, pft-s or budget", choices=STAGES)
+    item_len: int = _f(5, "pft-i: items kept as text")
+    group_size: int = _f(5, "pft-s: g (text items = item patches = session size)")
+    max_text_items: int | None = _f(None, "text: keep only the most recent K items")
+    max_positions: int | None = _f(None, "budget: history positions per example")
+    session_gap: float | None = _f(None, "pft-s/budget: cut sessions where the user paused this many seconds")
+    max_session_items: int | None = _f(None, "longest time-gap session")
+    ppt_schedule: str = _f("linear", "ppt: p over training (linear, cosine, constant)")
+    ppt_p_max: float = _f(1.0, "ppt: the largest patch probability")
+    ppt_pair_text: bool = _f(True, "ppt: also train each example all-text in the same batch")
+    # optimisation
+    max_steps: int = _f(0, "optimizer steps (0: --epochs over the data)")
+    epochs: float = _f(1.0, "passes over the split when --max-steps is 0")
+    micro_batch: int = _f(16, "examples per rank per micro-step")
+    grad_accum: int = _f(1, "micro-steps per optimizer step")
+    lr: float = _f(8e-6, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.05, "share of steps warming up linearly; then cosine decay")
+    grad_clip: float = _f(0.3, "gradient norm clip")
+    seed: int = _f(42, "seed for data order, layouts and model init")
+    ds_config: str = _f("ds_configs/zero3.json", "DeepSpeed JSON config (batch sizes, lr are filled in)")
+    # checkpoints and output
+    output: str = _f("runs/run", "run folder or URL (s3://...): checkpoints, tb, config, final export")
+    save_every: int = _f(0, "save every N optimizer steps (0: only at the end and on signals)")
+    keep_last: int = _f(2, "checkpoints kept")
+    resume: str = _f("auto", "auto (newest complete checkpoint), never, or a checkpoint path")
+    universal: bool = _f(False, "allow resuming with another world size (DeepSpeed universal checkpoint)")
+    export: bool = _f(True, "write OUTPUT/final (an HF folder) at the end")
+    # monitoring
+    log_every: int = _f(1, "progress line every N steps (rank 0)")
+    log_examples: bool = _f(False, "write OUTPUT/examples/rank*.jsonl: the examples of every step (audit)")
+    eval_every: int = _f(0, "validation loss every N steps (0: never)")
+    eval_batches: int = _f(8, "validation micro-batches per evaluation")
+    dist_timeout_s: int = _f(300, "collective timeout: a dead rank fails the job after this long")
+
+    def check(self) -> None:
+        """Refuse values that cannot work, naming the flag."""
+        if not self.data:
+            raise ValueError("--data is required: a data set folder or URL (tools/shard_histories.py makes one)")
+        for name, minimum in (("micro_batch", 1), ("grad_accum", 1), ("max_steps", 0), ("num_workers", 0),
+                              ("window_shards", 1), ("keep_last", 1), ("save_every", 0), ("eval_every", 0)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}; got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0; got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1); got {self.warmup_ratio}")
+        if self.max_steps == 0 and not self.epochs > 0:
+            raise ValueError("--epochs must be > 0 when --max-steps is 0")
+        if self.max_history is not None and self.max_history < 0:
+            raise ValueError(f"--max-history must be >= 0; got {self.max_history}")
+        if self.split not in ("train", "val", "test"):
+            raise ValueError(f"--split {self.split!r}: expected train, val or test")
+        try:
+            self.layout_spec()
+        except ValueError as exc:
+            raise ValueError(f"--stage {self.stage}: {exc}") from None
+
+    def layout_spec(self) -> LayoutSpec:
+        return LayoutSpec(stage=self.stage, max_text_items=self.max_text_items, item_len=self.item_len,
+                          group_size=self.group_size, max_positions=self.max_positions,
+                          session_gap=self.session_gap, max_session_items=self.max_session_items)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def hash(self, ignore: set[str] = frozenset()) -> str:
+        d = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Fields that may differ between an interrupted run and its resumption.
+RESUME_NEUTRAL = {"resume", "universal", "num_workers", "log_every", "log_examples", "output", "save_every", "keep_last",
+                  "eval_every", "eval_batches", "dist_timeout_s", "export", "ds_config", "max_steps", "epochs"}
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(type, optional) from an annotation such as `int | None`."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"typing": typing, "types": types})  # noqa: S307 - our own annotations
+    args = typing.get_args(tp)
+    if args and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser(cls: type = TrainConfig, defaults: dict[str, Any] | None = None,
+                 description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML or JSON file with any of the flags below (flags win)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, optional = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = (defaults or {}).get(f.name, f.default)
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if tp is bool:
+            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        else:
+            base = tp if tp in (int, float, str) else str
+            kwargs["type"] = (lambda b: (lambda s: None if s.lower() in ("none", "null") else b(s)))(base) if optional else base
+        p.add_argument(flag, **kwargs)
+    return p
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None = None,
+                 cls: type = TrainConfig, description: str = "") -> Any:
+    """Defaults < the launcher's DEFAULTS < --config file < command-line flags."""
+    parser = build_parser(cls, defaults, description)
+    args = vars(parser.parse_args(argv))
+    args.pop("local_rank", None)
+    values: dict[str, Any] = dict(defaults or {})
+    if args.get("config"):
+        try:
+            values.update(load_config_file(args.pop("config")))
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            parser.error(f"--config: {exc}")
+    else:
+        args.pop("config", None)
+    values.update(args)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        parser.error(f"unknown option(s) in --config: {', '.join(unknown)}")
+    try:
+        cfg = cls(**values)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as exc:
+            parser.error(str(exc))
+    return cfg

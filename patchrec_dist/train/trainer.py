@@ -1,0 +1,400 @@
+"""The training loop: patched stream -> DeepSpeed engine, one optimizer step at a time.
+
+Read top to bottom: set up (distributed, data, tokenizer, model, engine), resume, then
+`while step < total_steps`: gather the step's micro-batches, agree on their label tokens, run
+forward/backward per micro-batch with a token-weighted loss, step, log, maybe save; a signal
+stops every rank at the same step boundary with a checkpoint and exit code 75.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from patchrec_dist.data import storage
+from patchrec_dist.data.catalog import catalog_titles
+from patchrec_dist.data.manifest import DataSetError, load_manifest
+from patchrec_dist.data.stream import StreamConfig, StreamLoader
+from patchrec_dist.model.load import build_model, load_tokenizer
+from patchrec_dist.model.patch_embed import embed_with_patches
+from patchrec_dist.monitor.tensorboard import Monitor
+from patchrec_dist.patching.collate import Batch, Collator
+from patchrec_dist.patching.features import Patcher
+from patchrec_dist.patching.prompt import IGNORE_INDEX, build_prompt_tokens, resolve_template
+from patchrec_dist.train.checkpoint import CheckpointManager
+from patchrec_dist.train.config import RESUME_NEUTRAL, TrainConfig
+from patchrec_dist.train.signals import RESUME_EXIT_CODE, StopFlag
+
+DONE_FILE = "DONE.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up helpers
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def local_work_dir(output: str) -> str:
+    """Where a run writes local files: the output itself, or a staging folder for a remote output."""
+    if storage.is_local(output):
+        os.makedirs(output, exist_ok=True)
+        return output
+    import hashlib
+
+    root = os.environ.get("PATCHREC_STAGING") or os.path.join(os.path.expanduser("~"), ".cache", "patchrec_dist",
+                                                              "staging")
+    path = os.path.join(root, hashlib.sha256(output.encode()).hexdigest()[:16])
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def make_ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """The DeepSpeed config file with the run's batch sizes, lr, clipping and precision filled in."""
+    with open(cfg.ds_config) as f:
+        ds = json.load(f)
+    fill = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch, "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") == "auto":
+        ds["bf16"]["enabled"] = bool(cfg.bf16)
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    for key, value in (("lr", cfg.lr), ("weight_decay", cfg.weight_decay)):
+        if params.get(key, "auto") == "auto":
+            params[key] = value
+    if not torch.cuda.is_available() and opt.get("type", "").lower() in ("adam", "adamw"):
+        params["torch_adam"] = True  # DeepSpeed's fused Adam needs CUDA; design.md
+        ds.get("zero_optimization", {}).pop("offload_optimizer", None)
+        ds.get("zero_optimization", {}).pop("offload_param", None)
+    return ds
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float):
+    warmup = int(math.ceil(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# one step
+
+
+@dataclass
+class StepStats:
+    loss: float
+    label_tokens: int
+    examples: int
+    history_positions: int
+    text_positions: int
+    patches: int
+    data_wait_s: float
+    timings: dict[str, float]  # embed_s, forward_s, backward_s, optimizer_s (summed over micro-steps)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over labelled positions."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def forward_loss_sum(engine: Any, batch: Batch, timings: dict[str, float] | None = None) -> torch.Tensor:
+    t0 = time.perf_counter()
+    embed = engine.module.get_input_embeddings()
+    inputs_embeds = embed_with_patches(embed, batch.input_ids, batch.patches)
+    t1 = time.perf_counter()
+    out = engine(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask, use_cache=False)
+    loss = token_loss_sum(out.logits, batch.labels)
+    if timings is not None:
+        timings["embed_s"] = timings.get("embed_s", 0.0) + t1 - t0
+        timings["forward_s"] = timings.get("forward_s", 0.0) + time.perf_counter() - t1
+    return loss
+
+
+def train_step(engine: Any, micro_batches: Iterator[Batch], grad_accum: int, world: int,
+               device: torch.device) -> StepStats:
+    """One optimizer step. The loss is the sum of token losses over every micro-batch on every rank
+    divided by the step's total label tokens: patched examples differ a lot in length, so a
+    per-micro-batch mean would weight short answers more."""
+    t0 = time.perf_counter()
+    batches = [next(micro_batches) for _ in range(grad_accum)]
+    wait = time.perf_counter() - t0
+    local = [sum(b.label_tokens for b in batches), sum(b.num_examples for b in batches),
+             sum(b.history_positions for b in batches), sum(b.text_positions for b in batches),
+             sum(b.patches.num_patches for b in batches)]
+    tokens, examples, hist, text, patches = all_reduce_sum(local, device)
+    scale = world * grad_accum / max(1.0, tokens)  # DeepSpeed averages over ranks and micro-steps
+    loss_sum, timings = 0.0, {}
+    for b in batches:
+        b = b.to(device)
+        loss = forward_loss_sum(engine, b, timings)
+        t1 = time.perf_counter()
+        engine.backward(loss * scale)
+        t2 = time.perf_counter()
+        engine.step()
+        timings["backward_s"] = timings.get("backward_s", 0.0) + t2 - t1
+        timings["optimizer_s"] = timings.get("optimizer_s", 0.0) + time.perf_counter() - t2
+        loss_sum += float(loss.detach())
+    (total_loss,) = all_reduce_sum([loss_sum], device)
+    return StepStats(total_loss / max(1.0, tokens), int(tokens), int(examples), int(hist), int(text), int(patches),
+                     wait, timings)
+
+
+@torch.no_grad()
+def validation_loss(engine: Any, make_loader, batches: int, device: torch.device) -> float:
+    """Token-weighted loss on the first BATCHES batches of the (unshuffled) validation stream."""
+    engine.eval()
+    loader = make_loader()
+    sums = [0.0, 0.0]
+    for i, b in enumerate(loader):
+        if i == batches:
+            break
+        b = b.to(device)
+        sums[0] += float(forward_loss_sum(engine, b))
+        sums[1] += b.label_tokens
+    engine.train()
+    loss, tokens = all_reduce_sum(sums, device)
+    return loss / max(1.0, tokens)
+
+
+def micro_batch_source(loader: StreamLoader, patcher: Patcher, counters: dict[str, int]) -> Iterator[Batch]:
+    """Batches across epochs; keeps the patcher's micro-step offset (PPT's schedule) in step."""
+    while True:
+        patcher.micro_step_offset = counters["micro_before_epoch"]
+        epoch_batches = len(loader)
+        yield from loader
+        counters["micro_before_epoch"] += epoch_batches
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def write_run_files(cfg: TrainConfig, tokenizer: Any, model: Any, rank: int) -> None:
+    """Rank 0: the resolved config, tokenizer and model config beside the checkpoints (export needs them)."""
+    if rank != 0:
+        return
+    import tempfile
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        base.config.save_pretrained(os.path.join(tmp, "model_config"))
+        files = {os.path.join(sub, name): os.path.join(tmp, sub, name)
+                 for sub in ("tokenizer", "model_config") for name in os.listdir(os.path.join(tmp, sub))}
+        for rel, src in files.items():
+            storage.write_bytes_atomic(storage.join(cfg.output, rel), Path(src).read_bytes())
+    storage.write_bytes_atomic(storage.join(cfg.output, "config.json"),
+                               json.dumps(cfg.to_dict(), indent=2).encode())
+
+
+class Trainer:
+    """One training run. `train(cfg)` is setup() + run(); tests and tools use the parts."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_s)
+        self.stop = StopFlag()  # early: a signal during set-up is honoured at the first step
+        torch.manual_seed(cfg.seed)
+        self.work = local_work_dir(cfg.output)
+
+        manifest = load_manifest(cfg.data)
+        titles = catalog_titles(manifest)
+        template = resolve_template(manifest.prompt, cfg.prompt_file, cfg.domain)
+        self.tokenizer = load_tokenizer(cfg, titles, template, self.work)
+        self.tokens = build_prompt_tokens(self.tokenizer, template, titles, os.path.join(self.work, "cache"))
+        ds_config = make_ds_config(cfg, self.world)
+        model = build_model(cfg, self.tokenizer, ds_config, self.work)
+
+        stream_cfg = StreamConfig(split=cfg.split, batch_size=cfg.micro_batch, seed=cfg.seed,
+                                  window_shards=cfg.window_shards, max_history=cfg.max_history or None,
+                                  num_workers=cfg.num_workers)
+        self.patcher = Patcher(self.tokens, cfg.layout_spec(), seed=cfg.seed, grad_accum=cfg.grad_accum,
+                               ppt_schedule=cfg.ppt_schedule, ppt_p_max=cfg.ppt_p_max,
+                               ppt_pair_text=cfg.ppt_pair_text)
+        self.loader = StreamLoader(manifest, stream_cfg, self.rank, self.world, transform=self.patcher,
+                                   collate_fn=Collator(self.tokens))
+        self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * len(self.loader)) // cfg.grad_accum)
+        self.patcher.total_steps = self.total_steps
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        schedule = warmup_cosine(self.total_steps, cfg.warmup_ratio)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        write_run_files(cfg, self.tokenizer, model, self.rank)
+
+        self.ckpt = CheckpointManager(cfg.output, keep_last=cfg.keep_last)
+        self.config_hash = cfg.hash(ignore=RESUME_NEUTRAL)
+        self.step, self.counters = 0, {"micro_before_epoch": 0}
+        tag = self.ckpt.resolve_resume(cfg.resume)
+        if tag is not None:
+            state = self.ckpt.load(self.engine, tag, expect={"config_hash": self.config_hash}, universal=cfg.universal)
+            self.step = int(state["step"])
+            self.counters.update(state["counters"])
+            self.loader.load_state_dict(state["data"])
+        self.monitor = Monitor(os.path.join(self.work, "tb"), self.rank == 0, self.step, self.total_steps,
+                               cfg.log_every)
+        self.monitor.text(f"training {cfg.stage} on {manifest.num_examples(cfg.split):,} {cfg.split} examples: "
+                          f"{self.total_steps} steps x {self.world} ranks x {cfg.grad_accum} x {cfg.micro_batch}"
+                          + (f", resumed at step {self.step} ({tag})" if tag else ""))
+        self.make_val_loader = self._validation_loader_factory(manifest) if cfg.eval_every else None
+
+    def _validation_loader_factory(self, manifest):
+        cfg = self.cfg
+        val_cfg = StreamConfig(split="val", batch_size=cfg.micro_batch, shuffle=False,
+                               max_history=cfg.max_history or None, remainder="pad", num_workers=0)
+
+        def make() -> StreamLoader:
+            return StreamLoader(manifest, val_cfg, self.rank, self.world, transform=Patcher(self.tokens, cfg.layout_spec()),
+                                collate_fn=Collator(self.tokens))
+
+        try:
+            make()
+        except DataSetError as exc:
+            self.monitor.text(f"no validation loss: {exc}")
+            return None
+        return make
+
+    def save(self) -> None:
+        self.ckpt.save(self.engine, self.step, {
+            "step": self.step, "counters": dict(self.counters), "data": self.loader.state_dict(),
+            "config": self.cfg.to_dict(), "config_hash": self.config_hash, "total_steps": self.total_steps})
+        sync_tensorboard(self.work, self.cfg.output, self.rank)
+
+    def log_examples(self, batches_seen: list[list[tuple[str, int]]]) -> None:
+        """--log-examples: which examples each step trained on, per rank (an audit trail; tests use it)."""
+        path = os.path.join(self.work, "examples", f"rank{self.rank}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": self.step, "examples": batches_seen}) + "\n")
+
+    def run(self) -> int:
+        """Train to the last step; returns the exit code (0, or RESUME_EXIT_CODE after a signal)."""
+        cfg, engine = self.cfg, self.engine
+        source = self._logged(micro_batch_source(self.loader, self.patcher, self.counters))
+        exit_code = 0
+        engine.train()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            self._step_examples: list = []
+            stats = train_step(engine, source, cfg.grad_accum, self.world, self.device)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            if cfg.log_examples:
+                self.log_examples(self._step_examples)
+            self.monitor.step(self.step, {
+                "train/loss": stats.loss, "train/lr": self.scheduler.get_last_lr()[0],
+                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/examples_per_s": stats.examples / dt, "train/positions_per_s": stats.history_positions / dt,
+                "train/compression": stats.history_positions / max(1, stats.text_positions),
+                "train/patch_fraction": stats.patches / max(1, stats.examples),
+                "train/data_wait_frac": stats.data_wait_s / dt, "train/label_tokens": stats.label_tokens,
+                **{f"time/{k}": v for k, v in stats.timings.items()},
+            })
+            if self.make_val_loader is not None and self.step % cfg.eval_every == 0:
+                loss = validation_loss(engine, self.make_val_loader, cfg.eval_batches, self.device)
+                self.monitor.scalars(self.step, {"val/loss": loss})
+            if self.stop.should_stop():
+                self.monitor.text(f"stop requested (signal {self.stop.received or 'on another rank'}): "
+                                  f"saving at step {self.step}")
+                self.save()
+                exit_code = RESUME_EXIT_CODE
+                break
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self.save()
+        if exit_code == 0:
+            self.finish()
+        self.monitor.close()
+        sync_tensorboard(self.work, cfg.output, self.rank)
+        self.stop.restore()
+        return exit_code
+
+    def _logged(self, source: Iterator[Batch]) -> Iterator[Batch]:
+        for batch in source:
+            if self.cfg.log_examples:
+                self._step_examples.append([list(e) for e in batch.examples])
+            yield batch
+
+    def finish(self) -> None:
+        """Final checkpoint, the HF export (OUTPUT/final) and DONE.json, which marks a finished run."""
+        self.save()
+        if self.cfg.export:
+            from patchrec_dist.train.export import export_run
+
+            if self.rank == 0:
+                export_run(self.cfg.output)
+            dist.barrier()
+        if self.rank == 0:
+            storage.write_bytes_atomic(storage.join(self.cfg.output, DONE_FILE),
+                                       json.dumps({"step": self.step, "total_steps": self.total_steps}).encode())
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Collective: the engine's logits for plain token ids (tests compare exports with it)."""
+        self.engine.eval()
+        out = self.engine(input_ids=input_ids.to(self.device), use_cache=False).logits
+        self.engine.train()
+        return out.float().cpu()
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run CFG to its last step (or a signal); returns the process exit code."""
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer.run()
+
+
+def sync_tensorboard(work: str, output: str, rank: int) -> None:
+    """A remote output gets the TensorBoard files too (they are written locally)."""
+    if rank != 0 or storage.is_local(output):
+        return
+    tb = os.path.join(work, "tb")
+    for dirpath, _, names in os.walk(tb):
+        for name in names:
+            src = os.path.join(dirpath, name)
+            rel = os.path.relpath(src, work).replace(os.sep, "/")
+            storage.write_bytes_atomic(storage.join(output, rel), Path(src).read_bytes())
