@@ -86,3 +86,33 @@ def s3_env(moto_server, monkeypatch):
     bucket = f"bucket-{time.time_ns()}"
     fs.mkdir(bucket)
     return {"endpoint": moto_server, "bucket": bucket, "fs": fs}
+
+
+LEARNABLE_WORDS = ("Amber Birch Cedar Dune Ember Fjord Grove Harbor Iris Juniper Kestrel Lagoon Meadow Nectar "
+                   "Onyx Prairie Quartz Ripple Sierra Tundra").split()
+
+
+@pytest.fixture(scope="session")
+def learnable_dataset(tmp_path_factory) -> str:
+    """48 users whose histories walk the 20-item catalog in order: the next item is predictable."""
+    import numpy as np
+    import polars as pl
+
+    from tools.shard_histories import main as shard_main
+
+    root = tmp_path_factory.mktemp("learnable")
+    rng = np.random.default_rng(0)
+    users, length, items = 48, 24, len(LEARNABLE_WORDS)
+    start = rng.integers(0, items, users)
+    seq = (start[:, None] + np.arange(length)[None, :]) % items
+    pl.DataFrame({"user": np.repeat(np.arange(users), length), "item": seq.reshape(-1),
+                  "timestamp": np.tile(np.arange(length) * 3600, users)}).write_parquet(root / "inter.parquet")
+    pl.DataFrame({"item": np.arange(items), "title": [f"{w} Story" for w in LEARNABLE_WORDS]}) \
+        .write_parquet(root / "items.parquet")
+    out = str(root / "ds")
+    rc = shard_main(["--format", "table", "--input", str(root / "inter.parquet"), "--items",
+                     str(root / "items.parquet"), "--user-col", "user", "--item-col", "item", "--time-col",
+                     "timestamp", "--output", out, "--shard-size", "8", "--workers", "1", "--no-progress",
+                     "--split", "leave-one-out"])
+    assert rc == 0
+    return out

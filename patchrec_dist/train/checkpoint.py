@@ -1,0 +1,794 @@
+"""DeepSpeed checkpoints to a local path or an fsspec URL, with a rank-independent state file.
+
+Layout under the run's output (a local directory or e.g. ``s3://bucket/run``)::
+
+    OUTPUT/checkpoints/
+        latest                       text: the tag of the newest complete checkpoint
+        step_00000120/               one checkpoint ("tag" = step_%08d)
+            zero_pp_rank_0_mp_rank_00_model_states.pt   } DeepSpeed's engine.save_checkpoint
+            zero_pp_rank_0_mp_rank_00_optim_states.pt   }  (ZeRO-3: one pair per rank,
+            zero_pp_rank_1_mp_rank_00_model_states.pt   }   plus zero_to_fp32.py)
+            ...
+            rng_rank0.pt, rng_rank1.pt   per-rank RNG states (python, numpy, torch, cuda)
+            state.json                   rank-independent training state; written LAST
+            universal/, latest_universal only after convert_to_universal()
+        zero_to_fp32.py, zero_to_torch.py   DeepSpeed writes these beside the tags, not inside
+
+``latest`` has DeepSpeed's own format (the tag as text), so the directory also works with plain
+DeepSpeed tools: ``engine.load_checkpoint(OUTPUT/checkpoints)`` and
+``python OUTPUT/checkpoints/zero_to_fp32.py OUTPUT/checkpoints out_dir`` (local copies).
+
+Commit protocol (what makes an interrupted save harmless):
+
+1. rank 0 removes any earlier content of the tag (a re-save replaces it), then all ranks agree;
+2. every rank calls ``engine.save_checkpoint(dir, tag=tag, client_state={}, save_latest=False)``
+   and writes its RNG file (remote output: into a local staging dir, then uploaded);
+3. barrier; then rank 0 writes ``state.json`` (with the list and sizes of every file of the
+   checkpoint), then ``latest`` (atomic: temp file + rename locally, a single PUT on S3);
+4. rank 0 deletes old checkpoints beyond ``keep_last`` (their ``state.json`` first), barrier.
+
+A checkpoint is *complete* when its ``state.json`` exists and every file it lists exists with
+the listed size. A crash anywhere before step 3 leaves ``latest`` on the previous checkpoint and
+the new directory without ``state.json``, i.e. incomplete, never loaded and pruned later.
+
+Remote outputs and staging. DeepSpeed writes only to local paths. For a URL output each rank
+saves into ``STAGING/<hash of output>/save-<nonce>/`` where STAGING is the ``staging_dir``
+argument, else ``$PATCHREC_STAGING``, else ``<system temp>/patchrec_dist-staging``. Ranks that
+see the same staging directory (all ranks of a node, the common case; or every rank if it
+lives on a shared filesystem) elect one uploader (the lowest rank that sees it; each rank drops
+a token file there, so no hostname logic is needed), which uploads everything in it. Multi-node
+assumption: each node's staging dir holds what that node's ranks wrote, and that node's
+uploader uploads exactly that; the union over nodes is the whole checkpoint. Loading mirrors
+this: one rank per staging dir downloads the checkpoint, then every rank loads from its copy.
+
+Collectives. :meth:`CheckpointManager.save`, :meth:`~CheckpointManager.load`,
+:meth:`~CheckpointManager.resolve_resume` and :meth:`~CheckpointManager.convert_to_universal`
+must be called on every rank (same arguments) once ``torch.distributed`` is initialised: rank 0
+decides (reads ``latest``/``state.json``) and broadcasts, so all ranks agree and all ranks
+raise the same :class:`CheckpointError`. Without a process group they run locally.
+
+World-size changes. ZeRO's optimizer state is partitioned per rank; DeepSpeed refuses to
+load it with a different data-parallel size. :meth:`~CheckpointManager.load` refuses with a
+message pointing at ``--universal``; with ``universal=True`` it converts the checkpoint with
+DeepSpeed's ``ds_to_universal`` (once; result kept under ``<tag>/universal``) and loads that with
+the ``"checkpoint": {"load_universal": true}`` behaviour switched on for the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import random
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import torch
+
+from patchrec_dist.data.storage import (
+    filesystem_for,
+    is_local,
+    join,
+    read_bytes,
+    remove,
+    with_retries,
+    write_bytes_atomic,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+STATE_FILE = "state.json"
+UNIVERSAL_DIR = "universal"
+UNIVERSAL_MARKER = "latest_universal"  # ds_to_universal writes it beside its output folder, last
+RNG_FILE = "rng_rank{rank}.pt"
+STATE_FORMAT = 1
+TAG_RE = re.compile(r"^step_(\d{8,})$")
+_TOKENS_DIR = ".ranks"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing, incomplete, incompatible); names the path."""
+
+
+# ---------------------------------------------------------------------------------------------
+# tags and config hashes
+def tag_for_step(step: int) -> str:
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step_{int(step):08d}"
+
+
+def step_of_tag(tag: str) -> int | None:
+    m = TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def _normalise(obj: Any) -> Any:
+    """JSON-normalised copy: dict keys as str, tuples/sets as lists, other objects via str()."""
+
+    def default(o):
+        if isinstance(o, (set, frozenset)):
+            return sorted(o, key=repr)
+        return str(o)
+
+    return json.loads(json.dumps(obj, sort_keys=True, default=default))
+
+
+def _drop_keys(config: Any, ignore: Iterable[str]) -> Any:
+    """Copy of CONFIG without the (dotted) keys in IGNORE: "lr" drops a top-level key,
+    "optimizer.params.lr" a nested one."""
+    out = _normalise(config)
+    for key in ignore:
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.get(p) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return out
+
+
+def config_hash(config: Mapping[str, Any], ignore: Iterable[str] = frozenset()) -> str:
+    """Stable sha256 (hex) of CONFIG, JSON-normalised with sorted keys, minus the IGNOREd keys
+    (dotted paths for nested keys). Use IGNORE for what may change across a resume (e.g.
+    ``gradient_accumulation_steps`` when the world size changes, log intervals, output paths)."""
+    blob = json.dumps(_drop_keys(config, ignore), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = frozenset()) -> list[str]:
+    """Dotted keys whose values differ between A and B (after dropping IGNORE)."""
+    out: list[str] = []
+
+    def walk(x, y, prefix):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k, _MISSING), y.get(k, _MISSING), f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix[:-1] or "<root>")
+
+    walk(_drop_keys(a, ignore), _drop_keys(b, ignore), "")
+    return out
+
+
+_MISSING = object()
+
+
+def _json_path_of_bad_value(obj: Any, path: str = "state") -> str | None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                return f"{path}[{k!r}] (non-string key)"
+            found = _json_path_of_bad_value(v, f"{path}[{k!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found = _json_path_of_bad_value(v, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return None
+    return f"{path} ({type(obj).__name__})"
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed helpers (all no-ops without a process group)
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else 0
+
+
+def _world() -> int:
+    d = _dist()
+    return d.get_world_size() if d else 1
+
+
+def _barrier() -> None:
+    d = _dist()
+    if d and d.get_world_size() > 1:
+        d.barrier()
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's OBJ on every rank."""
+    d = _dist()
+    if not d or d.get_world_size() == 1:
+        return obj
+    box = [obj if d.get_rank() == 0 else None]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _on_rank0(fn: Callable[[], T]) -> T:
+    """Run FN on rank 0 and broadcast its result; an exception on rank 0 is raised on every rank
+    (rank 0 re-raises the original, the others a CheckpointError with its message)."""
+    d = _dist()
+    if not d or d.get_world_size() == 1:
+        return fn()
+    error: BaseException | None = None
+    payload: tuple[str, Any] | None = None
+    if d.get_rank() == 0:
+        try:
+            payload = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            error = exc
+            msg = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+            payload = ("error", msg)
+    kind, value = _broadcast(payload)
+    if kind == "ok":
+        return value
+    if error is not None:
+        raise error
+    raise CheckpointError(value)
+
+
+def _elect(directory: str) -> bool:
+    """Collective. True on exactly one rank among those that see the same local DIRECTORY.
+
+    Every rank drops a token file; after a barrier the lowest rank whose token it can see is
+    elected. Ranks of one node share a node-local dir; on a shared filesystem all ranks do.
+    """
+    rank = _rank()
+    tokens = os.path.join(directory, _TOKENS_DIR)
+    os.makedirs(tokens, exist_ok=True)
+    with open(os.path.join(tokens, str(rank)), "w") as f:
+        f.write(str(os.getpid()))
+    _barrier()
+    seen = sorted(int(n) for n in os.listdir(tokens) if n.isdigit())
+    return bool(seen) and seen[0] == rank
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+class CheckpointManager:
+    """Save/load DeepSpeed checkpoints under ``OUTPUT/checkpoints`` (local dir or fsspec URL).
+
+    ``keep_last``: complete checkpoints to keep (older ones are deleted after ``latest`` moved).
+    ``storage_options``: extra fsspec options for a URL output (the S3 endpoint and credentials
+    come from the environment, see :mod:`patchrec_dist.data.storage`).
+    ``staging_dir``: local directory for staging remote checkpoints (default
+    ``$PATCHREC_STAGING`` or ``<tmp>/patchrec_dist-staging``); must be the same path on all ranks
+    of a node, which it is by default.
+    ``universal_workers``: worker processes for ``ds_to_universal`` (1 = in-process; forking a
+    process that holds a process group is best avoided).
+
+    ``after_engine_save``: optional ``fn(rank, tag)`` called right after this rank's
+    ``engine.save_checkpoint`` returned, before the commit barrier (a test hook for crashes
+    mid-save; also usable for timing).
+    """
+
+    def __init__(
+        self,
+        output: str,
+        keep_last: int = 2,
+        storage_options: dict[str, Any] | None = None,
+        staging_dir: str | None = None,
+        universal_workers: int = 1,
+    ):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        output = str(output)
+        self.output = output.rstrip("/") if "://" in output else os.path.abspath(output)
+        self.root = join(self.output, CHECKPOINTS_DIR)
+        self.remote = not is_local(self.output)
+        self.keep_last = keep_last
+        self.storage_options = storage_options
+        base = staging_dir or os.environ.get("PATCHREC_STAGING") or os.path.join(
+            tempfile.gettempdir(), "patchrec_dist-staging"
+        )
+        self.staging = os.path.join(os.path.abspath(base), hashlib.sha1(self.output.encode()).hexdigest()[:16])
+        self.universal_workers = universal_workers
+        self.after_engine_save: Callable[[int, str], None] | None = None
+        self._current_tag: str | None = None  # the checkpoint the engine's state equals (saved or loaded)
+
+    # -- paths and small I/O ----------------------------------------------------------------
+    def _fs(self, url: str):
+        return filesystem_for(url, self.storage_options)
+
+    def tag_url(self, tag: str) -> str:
+        return join(self.root, tag)
+
+    def _resolve_ref(self, ref: str) -> str:
+        """A tag ("step_00000120") or a checkpoint dir (path or URL) -> checkpoint dir URL."""
+        if TAG_RE.match(ref):
+            return self.tag_url(ref)
+        if "://" in ref:
+            return ref.rstrip("/")
+        return os.path.abspath(ref)
+
+    def _exists(self, url: str) -> bool:
+        fs, path = self._fs(url)
+        fs.invalidate_cache()
+        return with_retries(lambda: fs.exists(path), f"checking {url}")
+
+    def _read_text(self, url: str) -> str | None:
+        try:
+            return read_bytes(url, self.storage_options).decode().strip()
+        except FileNotFoundError:
+            return None
+
+    def _files_with_sizes(self, url: str) -> dict[str, int]:
+        """{relative path: size} of every file below URL; {} if it does not exist."""
+        fs, path = self._fs(url)
+        fs.invalidate_cache()
+        try:
+            found = with_retries(lambda: fs.find(path, detail=True), f"listing {url}")
+        except FileNotFoundError:
+            return {}
+        root = path.rstrip("/") + "/"
+        return {
+            (p[len(root):] if p.startswith(root) else p): int(info.get("size") or 0)
+            for p, info in found.items()
+            if info.get("type", "file") != "directory"
+        }
+
+    def _list_tags(self) -> list[str]:
+        """Tag directories under checkpoints/, sorted by step (complete or not)."""
+        fs, path = self._fs(self.root)
+        fs.invalidate_cache()
+        try:
+            names = with_retries(lambda: fs.ls(path, detail=False), f"listing {self.root}")
+        except FileNotFoundError:
+            return []
+        tags = {posixpath.basename(str(n).rstrip("/")) for n in names}
+        return sorted((t for t in tags if TAG_RE.match(t)), key=lambda t: step_of_tag(t) or 0)
+
+    def read_state(self, ckpt: str) -> dict[str, Any]:
+        """The state.json of a checkpoint (tag or dir); CheckpointError if there is none."""
+        url = self._resolve_ref(ckpt)
+        raw = self._read_text(join(url, STATE_FILE))
+        if raw is None:
+            raise CheckpointError(f"no {STATE_FILE} in {url}: not a complete checkpoint")
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{join(url, STATE_FILE)} is not valid JSON: {exc}") from exc
+
+    def check_complete(self, ckpt: str) -> dict[str, Any]:
+        """The checkpoint's state if it is complete, else CheckpointError saying what is missing."""
+        url = self._resolve_ref(ckpt)
+        state = self.read_state(url)
+        expected = state.get("checkpoint", {}).get("files")
+        if not expected:
+            raise CheckpointError(f"{join(url, STATE_FILE)} lists no files: not written by CheckpointManager?")
+        present = self._files_with_sizes(url)
+        missing = [f for f in expected if f not in present]
+        wrong = [f for f, size in expected.items() if f in present and present[f] != size]
+        if missing or wrong:
+            raise CheckpointError(
+                f"checkpoint {url} is incomplete: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"size mismatch {wrong[:5]}"
+            )
+        return state
+
+    def is_complete(self, ckpt: str) -> bool:
+        try:
+            self.check_complete(ckpt)
+            return True
+        except CheckpointError:
+            return False
+
+    def complete_tags(self) -> list[str]:
+        """Tags of the complete checkpoints, oldest first."""
+        return [t for t in self._list_tags() if self.is_complete(t)]
+
+    def latest_tag(self) -> str | None:
+        """Tag of the newest complete checkpoint: the one ``latest`` names if it is complete,
+        else the highest complete step (``latest`` can name a checkpoint a crashed re-save
+        removed). None if there is none. Not collective."""
+        tag = self._read_text(join(self.root, LATEST_FILE))
+        if tag and self.is_complete(tag):
+            return tag
+        tags = self.complete_tags()
+        if tag:
+            log.warning("%s names %s, which is not complete; using %s", join(self.root, LATEST_FILE), tag,
+                        tags[-1] if tags else None)
+        return tags[-1] if tags else None
+
+    # -- resume -----------------------------------------------------------------------------
+    def resolve_resume(self, resume: str | None) -> str | None:
+        """``--resume`` semantics; returns a checkpoint dir (path or URL) or None. Collective.
+
+        ``auto``: newest complete checkpoint of this output, or None (start from scratch).
+        ``never`` (or None/""): None.
+        anything else: a checkpoint dir (``.../checkpoints/step_00000120``, local or URL), a tag
+        of this output, or another run's output dir (its newest complete checkpoint);
+        CheckpointError if it is missing or incomplete.
+        """
+        if resume in (None, "", "never"):
+            return None
+        if resume == "auto":
+            return _on_rank0(lambda: (lambda t: self.tag_url(t) if t else None)(self.latest_tag()))
+        return _on_rank0(lambda: self._resolve_path(str(resume)))
+
+    def _resolve_path(self, ref: str) -> str:
+        url = self._resolve_ref(ref)
+        if self._exists(join(url, STATE_FILE)):
+            self.check_complete(url)
+            return url
+        if self._exists(join(url, CHECKPOINTS_DIR)):  # an output dir
+            other = CheckpointManager(url, storage_options=self.storage_options)
+            tag = other.latest_tag()
+            if tag is None:
+                raise CheckpointError(f"--resume {ref}: no complete checkpoint under {other.root}")
+            return other.tag_url(tag)
+        if self._exists(url):
+            raise CheckpointError(
+                f"--resume {ref}: {url} has no {STATE_FILE}: the save was interrupted (incomplete "
+                "checkpoint) or it is not a checkpoint directory"
+            )
+        raise CheckpointError(f"--resume {ref}: no checkpoint at {url}")
+
+    # -- compatibility ----------------------------------------------------------------------
+    @staticmethod
+    def check_compatible(
+        state: Mapping[str, Any],
+        expect: Mapping[str, Any] | None,
+        world_size: int,
+        where: str,
+        universal: bool = False,
+    ) -> None:
+        """Raise CheckpointError if STATE (a checkpoint's state.json) cannot be resumed here.
+
+        EXPECT may hold ``config_hash`` (compared with the saved one; the caller hashes with
+        :func:`config_hash` and its own ``ignore`` set, which decides which keys matter),
+        ``config`` and ``ignore`` (only to name the differing keys in the message), and
+        ``world_size`` (overrides WORLD_SIZE).
+        """
+        expect = dict(expect or {})
+        want = expect.get("config_hash")
+        if want is not None and state.get("config_hash") != want:
+            detail = ""
+            if isinstance(expect.get("config"), Mapping) and isinstance(state.get("config"), Mapping):
+                keys = config_diff(state["config"], expect["config"], expect.get("ignore", ()))
+                detail = f"; differing keys: {', '.join(keys[:20]) or '(none outside the ignored ones)'}"
+            raise CheckpointError(
+                f"checkpoint {where} was saved with a different configuration (config_hash "
+                f"{str(state.get('config_hash'))[:12]} != {str(want)[:12]}){detail}. Use a new output "
+                "directory or --resume never to start over, or restore the original configuration."
+            )
+        world = int(expect.get("world_size", world_size))
+        saved = state.get("world_size")
+        if saved is None:
+            raise CheckpointError(f"checkpoint {where}: {STATE_FILE} has no world_size")
+        if int(saved) != world and not universal:
+            raise CheckpointError(
+                f"checkpoint {where} was saved by {saved} ranks but this job has {world}: ZeRO's "
+                "optimizer state is partitioned per rank and cannot be loaded directly with another "
+                f"world size. Resume with --universal (converts it once with DeepSpeed's ds_to_universal "
+                f"and loads the universal checkpoint) or run with {saved} ranks."
+            )
+
+    # -- save -------------------------------------------------------------------------------
+    def save(self, engine, step: int, state: Mapping[str, Any]) -> str:
+        """Collective: save a checkpoint of ENGINE at STEP with the caller's rank-independent
+        STATE (JSON-serialisable: step counters, data position, scheduler state, the resolved
+        config and its ``config_hash``). Adds ``step``, ``tag``, ``world_size`` and bookkeeping.
+        Returns the tag. Every rank must call it with the same step."""
+        tag = tag_for_step(step)
+        if tag == self._current_tag:  # the engine already equals that checkpoint (just saved/loaded)
+            log.info("checkpoint %s already saved; not saving it again", tag)
+            return tag
+        rank, world = _rank(), _world()
+        record = dict(state)
+        record.update(step=int(step), tag=tag, world_size=world)
+        bad = _json_path_of_bad_value(record)
+        if bad:
+            raise CheckpointError(f"checkpoint state must be JSON-serialisable; {bad} is not")
+        t0 = time.monotonic()
+        ckpt_url = self.tag_url(tag)
+
+        # 1. a re-save replaces the tag: rank 0 removes what is there, everyone agrees on a nonce
+        def clear() -> str:
+            if self._exists(ckpt_url):
+                remove(join(ckpt_url, STATE_FILE), self.storage_options)
+                remove(ckpt_url, self.storage_options, recursive=True)
+            return uuid.uuid4().hex[:12]
+
+        nonce = _on_rank0(clear)
+        if self.remote:
+            local_root = os.path.join(self.staging, f"save-{tag}-{nonce}")
+        else:
+            local_root = self.root
+        local_dir = os.path.join(local_root, tag)
+        os.makedirs(local_dir, exist_ok=True)
+
+        # 2. DeepSpeed's files and this rank's RNG state
+        engine.save_checkpoint(local_root, tag=tag, client_state={}, save_latest=False)
+        rng_path = os.path.join(local_dir, RNG_FILE.format(rank=rank))
+        torch.save(_rng_state(), rng_path + f".tmp-{os.getpid()}")
+        os.replace(rng_path + f".tmp-{os.getpid()}", rng_path)
+        if self.after_engine_save is not None:
+            self.after_engine_save(rank, tag)
+
+        if self.remote:
+            uploader = _elect(local_root)  # includes the barrier: every rank finished writing
+            if uploader:
+                self._upload_dir(local_dir, ckpt_url)
+                # DeepSpeed (rank 0) also writes zero_to_fp32.py / zero_to_torch.py beside the tags
+                for name in os.listdir(local_root):
+                    src = os.path.join(local_root, name)
+                    if os.path.isfile(src) and ".tmp-" not in name:
+                        self._put(src, join(self.root, name))
+        _barrier()  # every rank's files are in place (uploaded)
+
+        # 3. commit: state.json, then latest; 4. prune
+        def commit() -> None:
+            files = self._files_with_sizes(ckpt_url)
+            files = {f: s for f, s in files.items() if f != STATE_FILE and not f.startswith(_TOKENS_DIR)}
+            record["checkpoint"] = {
+                "format": STATE_FORMAT,
+                "files": files,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "deepspeed": _version("deepspeed"),
+                "torch": torch.__version__,
+            }
+            data = json.dumps(record, indent=1, sort_keys=True).encode()
+            write_bytes_atomic(join(ckpt_url, STATE_FILE), data, self.storage_options)
+            write_bytes_atomic(join(self.root, LATEST_FILE), tag.encode() + b"\n", self.storage_options)
+            self._prune(tag)
+
+        _on_rank0(commit)
+        if self.remote and uploader:
+            shutil.rmtree(local_root, ignore_errors=True)
+        self._current_tag = tag
+        if rank == 0:
+            log.info("saved checkpoint %s in %.1f s", ckpt_url, time.monotonic() - t0)
+        return tag
+
+    def _upload_dir(self, local_dir: str, url: str) -> None:
+        fs, path = self._fs(url)
+        for dirpath, dirnames, filenames in os.walk(local_dir):
+            dirnames[:] = [d for d in dirnames if d != _TOKENS_DIR]
+            for name in filenames:
+                if ".tmp-" in name:
+                    continue
+                src = os.path.join(dirpath, name)
+                rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+                dst = posixpath.join(path, rel)
+                with_retries(lambda s=src, d=dst: fs.put_file(s, d), f"uploading {src} to {url}")
+
+    def _put(self, src: str, url: str) -> None:
+        fs, path = self._fs(url)
+        with_retries(lambda: fs.put_file(src, path), f"uploading {src} to {url}")
+
+    def _download_dir(self, url: str, local_dir: str, skip: Callable[[str], bool] = lambda rel: False) -> None:
+        fs, path = self._fs(url)
+        for rel in self._files_with_sizes(url):
+            if skip(rel):
+                continue
+            dst = os.path.join(local_dir, *rel.split("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            src = posixpath.join(path, rel)
+            with_retries(lambda s=src, d=dst: fs.get_file(s, d), f"downloading {url}/{rel}")
+
+    def _prune(self, current: str) -> None:
+        """Rank 0: keep the newest ``keep_last`` complete checkpoints up to CURRENT; delete older
+        complete ones, incomplete leftovers before CURRENT, and checkpoints after CURRENT (an
+        abandoned timeline: this run resumed from an earlier checkpoint)."""
+        cur = step_of_tag(current) or 0
+        keep: list[str] = []
+        for tag in reversed(self._list_tags()):
+            step = step_of_tag(tag) or 0
+            if tag == current:
+                keep.append(tag)
+                continue
+            if step > cur:
+                log.warning("deleting checkpoint %s: newer than %s, from an abandoned run", tag, current)
+            elif self._exists(join(self.tag_url(tag), STATE_FILE)):
+                if len(keep) < self.keep_last:
+                    keep.append(tag)
+                    continue
+            self._delete(tag)
+
+    def _delete(self, tag: str) -> None:
+        url = self.tag_url(tag)
+        remove(join(url, STATE_FILE), self.storage_options)  # first: it is no longer complete
+        remove(url, self.storage_options, recursive=True)
+        if not self.remote:
+            shutil.rmtree(url, ignore_errors=True)
+
+    # -- load -------------------------------------------------------------------------------
+    def load(
+        self,
+        engine,
+        tag: str | None = None,
+        expect: Mapping[str, Any] | None = None,
+        universal: bool = False,
+        load_optimizer_states: bool = True,
+    ) -> dict[str, Any] | None:
+        """Collective: restore ENGINE (module, optimizer, scheduler) and this rank's RNG states
+        from a checkpoint; return its saved state dict, or None when TAG is None and this
+        output has no complete checkpoint.
+
+        TAG: None (newest complete checkpoint of this output), a tag, or a checkpoint dir (path
+        or URL, e.g. from :meth:`resolve_resume`). EXPECT: see :meth:`check_compatible`.
+        UNIVERSAL: load through a DeepSpeed universal checkpoint (converting first if needed),
+        which allows a different world size.
+        """
+
+        def locate():
+            if tag is None:
+                latest = self.latest_tag()
+                if latest is None:
+                    return None
+                url = self.tag_url(latest)
+            else:
+                url = self._resolve_ref(tag)
+            return url, self.check_complete(url)
+
+        found = _on_rank0(locate)
+        if found is None:
+            return None
+        url, state = found
+        self.check_compatible(state, expect, _world(), url, universal=universal)
+        if universal and not self._universal_ready(url):
+            self.convert_to_universal(url)
+
+        name = posixpath.basename(url.rstrip("/"))
+        if is_local(url):
+            local_ckpt, staged = url, None
+        else:
+            staged = os.path.join(self.staging, f"load-{name}-{_broadcast(uuid.uuid4().hex[:12])}")
+            local_ckpt = os.path.join(staged, name)
+            os.makedirs(local_ckpt, exist_ok=True)
+            if _elect(staged):
+                self._download_dir(url, local_ckpt, skip=lambda rel: not _needed_for_load(rel, universal))
+            _barrier()
+
+        if universal:
+            load_dir, load_tag = local_ckpt, UNIVERSAL_DIR
+        else:
+            load_dir, load_tag = os.path.dirname(local_ckpt), name
+        cfg = engine._config
+        old_universal = getattr(cfg, "load_universal_checkpoint", False)
+        cfg.load_universal_checkpoint = bool(universal)
+        try:
+            load_path, _ = engine.load_checkpoint(
+                load_dir,
+                tag=load_tag,
+                load_module_strict=True,
+                load_optimizer_states=load_optimizer_states,
+                load_lr_scheduler_states=True,
+            )
+        finally:
+            cfg.load_universal_checkpoint = old_universal
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint files to load in {url}")
+
+        rank = _rank()
+        rng_path = os.path.join(local_ckpt, RNG_FILE.format(rank=rank))
+        if os.path.exists(rng_path):
+            _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
+        else:
+            log.warning("no RNG state for rank %d in %s (saved by %s ranks); RNG not restored",
+                        rank, url, state.get("world_size"))
+        _barrier()
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        self._current_tag = name if url == self.tag_url(name) else None
+        return state
+
+    # -- universal checkpoints --------------------------------------------------------------
+    def _universal_ready(self, url: str) -> bool:
+        return _on_rank0(lambda: self._exists(join(url, UNIVERSAL_MARKER)))
+
+    def convert_to_universal(self, ckpt: str) -> str:
+        """Convert a complete checkpoint (tag or dir) with DeepSpeed's ``ds_to_universal`` into
+        ``<ckpt>/universal`` (+ marker ``<ckpt>/latest_universal``, written last); returns the
+        universal dir's URL. Collective when a process group exists (rank 0 converts, the others
+        wait; a remote checkpoint is downloaded to staging, converted, uploaded). Also callable
+        offline in a single process."""
+        url = self._resolve_ref(ckpt)
+
+        def work() -> str:
+            self.check_complete(url)
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            t0 = time.monotonic()
+            remove(join(url, UNIVERSAL_MARKER), self.storage_options)
+            remove(join(url, UNIVERSAL_DIR), self.storage_options, recursive=True)
+            if is_local(url):
+                local_ckpt, staged = url, None
+                shutil.rmtree(os.path.join(url, UNIVERSAL_DIR), ignore_errors=True)
+            else:
+                staged = os.path.join(self.staging, f"convert-{uuid.uuid4().hex[:12]}")
+                local_ckpt = os.path.join(staged, posixpath.basename(url))
+                self._download_dir(url, local_ckpt, skip=lambda rel: rel.startswith(UNIVERSAL_DIR + "/"))
+            args = argparse.Namespace(
+                input_folder=local_ckpt,
+                output_folder=os.path.join(local_ckpt, UNIVERSAL_DIR),
+                num_extract_workers=self.universal_workers,
+                num_merge_workers=self.universal_workers,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=False,
+            )
+            ds_to_universal(args)  # writes local_ckpt/latest_universal last
+            if staged is not None:
+                self._upload_dir(os.path.join(local_ckpt, UNIVERSAL_DIR), join(url, UNIVERSAL_DIR))
+                fs, path = self._fs(url)
+                with_retries(lambda: fs.put_file(os.path.join(local_ckpt, UNIVERSAL_MARKER),
+                                                 posixpath.join(path, UNIVERSAL_MARKER)), f"uploading to {url}")
+                shutil.rmtree(staged, ignore_errors=True)
+            log.info("converted %s to a universal checkpoint in %.1f s", url, time.monotonic() - t0)
+            return join(url, UNIVERSAL_DIR)
+
+        return _on_rank0(work)
+
+
+def _needed_for_load(rel: str, universal: bool) -> bool:
+    """Which files of a checkpoint a load needs: the universal tree or DeepSpeed's own files."""
+    if rel == STATE_FILE or rel.startswith("rng_rank"):
+        return True
+    in_universal = rel.startswith(UNIVERSAL_DIR + "/") or rel == UNIVERSAL_MARKER
+    return in_universal == universal
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(pkg)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "LATEST_FILE",
+    "STATE_FILE",
+    "CheckpointError",
+    "CheckpointManager",
+    "config_diff",
+    "config_hash",
+    "step_of_tag",
+    "tag_for_step",
+]

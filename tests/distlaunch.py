@@ -1,0 +1,96 @@
+"""Launch `deepspeed --num_gpus N script ...` on CPU ranks for a test, with a hard time limit.
+
+Every launch runs in its own session so that a hang or a failed assertion kills the launcher,
+its ranks and their DataLoader workers together (no orphans eating the CI's two cores).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_launcher() -> list[str]:
+    exe = Path(sys.executable).with_name("deepspeed")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+@dataclass
+class Launch:
+    returncode: int | None  # None: killed at the time limit
+    output: str
+    seconds: float
+
+    def tail(self, n: int = 4000) -> str:
+        return self.output[-n:]
+
+
+def launch(script: str, args: list[str], nprocs: int = 2, timeout: float = 180, env: dict | None = None,
+           while_running: Callable[[subprocess.Popen], None] | None = None) -> Launch:
+    """Run SCRIPT on NPROCS CPU ranks; WHILE_RUNNING(proc) may poke the job (signals) as it runs."""
+    cmd = [*deepspeed_launcher(), "--num_gpus", str(nprocs), "--master_port", str(free_port()), script, *args]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"launch-{os.getpid()}-{time.time_ns()}.log"
+    t0 = time.monotonic()
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            if while_running is not None:
+                while_running(proc)
+            proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+            code: int | None = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        log.seek(0)
+        output = log.read()
+    log_path.unlink(missing_ok=True)
+    return Launch(code, output, time.monotonic() - t0)
+
+
+def rank_processes(proc: subprocess.Popen, script_name: str) -> list:
+    """The rank processes (not DataLoader workers) under a launcher, ordered by local rank."""
+    import psutil
+
+    ranks = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        if any(script_name in c for c in cmd) and any(c.startswith("--local_rank=") for c in cmd):
+            if child.ppid() == proc.pid or "deepspeed.launcher.launch" in " ".join(psutil.Process(child.ppid()).cmdline()):
+                rank = next(int(c.split("=")[1]) for c in cmd if c.startswith("--local_rank="))
+                ranks.append((rank, child))
+    return [p for _, p in sorted(ranks, key=lambda x: x[0])]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"waited {timeout:.0f}s for {what}")

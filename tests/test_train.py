@@ -1,0 +1,198 @@
+"""DeepSpeed ZeRO-3 training on 2 CPU ranks: learning, exact resume after signals, S3 checkpoints,
+LoRA, export, failures. Each launch has a hard time limit and is killed as a group."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from patchrec_dist.monitor.tensorboard import read_scalars
+from patchrec_dist.train.signals import RESUME_EXIT_CODE
+from tests.distlaunch import launch, rank_processes, wait_for
+
+pytestmark = pytest.mark.multiproc
+
+FINETUNE = "launchers/finetune.py"
+
+
+def flags(data: str, out: str | Path, **over) -> list[str]:
+    base = {"data": data, "output": str(out), "max-steps": 10, "micro-batch": 4, "lr": 3e-3, "warmup-ratio": 0.1,
+            "num-workers": 1, "group-size": 2, "save-every": 2, "dist-timeout-s": 60, "log-examples": "true",
+            "export": "false", "seed": 3}
+    base.update({k.replace("_", "-"): v for k, v in over.items()})
+    return [x for k, v in base.items() for x in (f"--{k}", str(v))]
+
+
+def losses(run: str | Path) -> dict[int, float]:
+    return dict(read_scalars(str(Path(run) / "tb"))["train/loss"])
+
+
+def examples(run: str | Path) -> dict[tuple[int, int], list]:
+    """(rank, step) -> the examples trained on (the last record wins: a resumed step replaces one)."""
+    out = {}
+    for path in sorted((Path(run) / "examples").glob("rank*.jsonl")):
+        rank = int(path.stem[4:])
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            out[(rank, rec["step"])] = rec["examples"]
+    return out
+
+
+def ok(run, what: str) -> None:
+    assert run.returncode == 0, f"{what} failed ({run.returncode}):\n{run.tail()}"
+
+
+@pytest.fixture(scope="module")
+def reference(learnable_dataset, tmp_path_factory) -> Path:
+    """Run A: 10 uninterrupted steps."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    ok(launch(FINETUNE, flags(learnable_dataset, out)), "reference run")
+    return out
+
+
+def assert_same_as_reference(run: Path, reference: Path) -> None:
+    a, b = losses(reference), losses(run)
+    assert sorted(b) == sorted(a) == list(range(1, 11))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+    assert examples(run) == examples(reference)
+
+
+def interrupt_after_first_checkpoint(out: Path, sig: int, target: str):
+    def poke(proc):
+        wait_for(lambda: (out / "checkpoints" / "latest").exists(), 150, "the first checkpoint")
+        if target == "launcher":
+            proc.send_signal(sig)
+        else:
+            rank_processes(proc, "finetune.py")[1].send_signal(sig)  # one rank only: all must agree
+    return poke
+
+
+def test_loss_falls_and_run_is_complete(learnable_dataset, tmp_path):
+    out = tmp_path / "run"
+    run = launch(FINETUNE, flags(learnable_dataset, out, max_steps=40, save_every=0, export="true", lr=5e-3))
+    ok(run, "training")
+    curve = losses(out)
+    first, last = sum(curve[s] for s in range(1, 4)) / 3, sum(curve[s] for s in range(36, 41)) / 5
+    assert last < 0.6 * first, (first, last)
+    done = json.loads((out / "DONE.json").read_text())
+    assert done == {"step": 40, "total_steps": 40}
+    scalars = read_scalars(str(out / "tb"))
+    for name in ("train/lr", "train/grad_norm", "train/examples_per_s", "train/positions_per_s",
+                 "train/compression", "train/patch_fraction", "train/data_wait_frac", "sys/mem_gb"):
+        assert len(scalars[name]) == 40, name
+    assert all(0 < v < 1 for _, v in scalars["train/compression"])  # pft-s feeds fewer positions than text
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert "<|patch_id|>" in tok.get_vocab() and model.config.vocab_size == len(tok)
+
+
+def test_exact_resume_after_sigusr1_to_one_rank(learnable_dataset, reference, tmp_path):
+    out = tmp_path / "run"
+    first = launch(FINETUNE, flags(learnable_dataset, out),
+                   while_running=interrupt_after_first_checkpoint(out, signal.SIGUSR1, "rank"))
+    assert first.returncode == RESUME_EXIT_CODE, first.tail()
+    stopped_at = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 2 <= stopped_at < 10
+    resumed = launch(FINETUNE, flags(learnable_dataset, out, resume="auto"))
+    ok(resumed, "resume")
+    assert f"resumed at step {stopped_at}" in resumed.output
+    assert_same_as_reference(out, reference)
+
+
+def test_sigterm_to_the_launcher_saves_then_resumes(learnable_dataset, reference, tmp_path):
+    out = tmp_path / "run"
+    first = launch(FINETUNE, flags(learnable_dataset, out, num_workers=2),
+                   while_running=interrupt_after_first_checkpoint(out, signal.SIGTERM, "launcher"))
+    assert first.returncode not in (0, None), first.tail()
+    assert "stop requested" in first.output
+    state = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "state.json").read_text())
+    assert state["step"] >= 2
+    ok(launch(FINETUNE, flags(learnable_dataset, out, num_workers=2)), "resume")
+    assert_same_as_reference(out, reference)
+
+
+@pytest.mark.s3
+def test_checkpoints_on_s3_and_resume_from_a_fresh_machine(learnable_dataset, reference, tmp_path, s3_env):
+    url = f"s3://{s3_env['bucket']}/run"
+    env = {k: str(v) for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "PATCHREC_S3_ENDPOINT": s3_env["endpoint"], "PATCHREC_STAGING": tmp_path / "staging-a"}.items()}
+
+    def poke(proc):
+        wait_for(lambda: s3_env["fs"].exists(f"{s3_env['bucket']}/run/checkpoints/latest"), 150, "a checkpoint on S3")
+        rank_processes(proc, "finetune.py")[0].send_signal(signal.SIGUSR1)
+
+    first = launch(FINETUNE, flags(learnable_dataset, url), env=env, while_running=poke)
+    assert first.returncode == RESUME_EXIT_CODE, first.tail()
+    env["PATCHREC_STAGING"] = str(tmp_path / "staging-b")  # nothing local survives: a new node
+    ok(launch(FINETUNE, flags(learnable_dataset, url), env=env), "resume from S3")
+    local = tmp_path / "downloaded"
+    s3_env["fs"].get(f"{s3_env['bucket']}/run/tb", str(local / "tb"), recursive=True)
+    a = losses(reference)
+    b = losses(local)
+    assert sorted(b) == list(range(1, 11)) and all(abs(a[s] - b[s]) <= 1e-5 for s in a)
+    assert s3_env["fs"].exists(f"{s3_env['bucket']}/run/DONE.json")
+
+
+def test_killed_rank_fails_the_job_quickly(learnable_dataset, tmp_path):
+    out = tmp_path / "run"
+    killed_at = []
+
+    def kill_one(proc):
+        wait_for(lambda: (out / "examples" / "rank0.jsonl").exists(), 150, "the first step")
+        rank_processes(proc, "finetune.py")[1].send_signal(signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    run = launch(FINETUNE, flags(learnable_dataset, out, max_steps=200), while_running=kill_one, timeout=240)
+    ended = time.monotonic()
+    assert run.returncode not in (0, None, RESUME_EXIT_CODE), run.tail()
+    assert ended - killed_at[0] < 60, f"the job took {ended - killed_at[0]:.0f}s to fail after a rank died"
+    assert not (out / "DONE.json").exists()
+
+
+def test_lora_trains_resumes_and_exports(learnable_dataset, tmp_path):
+    out = tmp_path / "run"
+    lora = {"lora": "true", "lora_rank": 4, "lora_targets": "q_proj,v_proj", "max_steps": 6}
+    first = launch(FINETUNE, flags(learnable_dataset, out, **lora),
+                   while_running=interrupt_after_first_checkpoint(out, signal.SIGUSR1, "rank"))
+    assert first.returncode == RESUME_EXIT_CODE, first.tail()
+    ok(launch(FINETUNE, flags(learnable_dataset, out, export="true", **lora)), "LoRA resume")
+    assert sorted(losses(out)) == list(range(1, 7))
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_export_gives_the_engines_logits(learnable_dataset, tmp_path):
+    out, saved = tmp_path / "run", tmp_path / "logits.pt"
+    run = launch("tests/dist_scripts/train_and_logits.py", [str(saved), *flags(learnable_dataset, out, max_steps=3,
+                                                                                export="true")])
+    ok(run, "train + logits")
+    from transformers import AutoModelForCausalLM
+
+    ref = torch.load(saved)
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    with torch.no_grad():
+        got = model(input_ids=ref["ids"]).logits
+    torch.testing.assert_close(got, ref["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_world_size_change_is_refused_without_universal(learnable_dataset, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000010")
+    (out / "checkpoints" / "latest").write_text("step_00000008\n")
+    run = launch(FINETUNE, flags(learnable_dataset, out), nprocs=1)
+    assert run.returncode not in (0, None)
+    assert "--universal" in run.output
