@@ -87,6 +87,19 @@ def rank_processes(proc: subprocess.Popen, script_name: str) -> list:
     return [p for _, p in sorted(ranks, key=lambda x: x[0])]
 
 
+def launcher_process(proc: subprocess.Popen):
+    """deepspeed.launcher.launch under the `deepspeed` runner: the process that owns the ranks."""
+    import psutil
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "deepspeed.launcher.launch" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    raise LookupError("no deepspeed.launcher.launch process under the runner")
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -13,7 +13,7 @@ import torch
 
 from patchrec_dist.monitor.tensorboard import read_scalars
 from patchrec_dist.train.signals import RESUME_EXIT_CODE
-from tests.distlaunch import launch, rank_processes, wait_for
+from tests.distlaunch import launch, launcher_process, rank_processes, wait_for
 
 pytestmark = pytest.mark.multiproc
 
@@ -66,8 +66,8 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
 def interrupt_after_first_checkpoint(out: Path, sig: int, target: str):
     def poke(proc):
         wait_for(lambda: (out / "checkpoints" / "latest").exists(), 150, "the first checkpoint")
-        if target == "launcher":
-            proc.send_signal(sig)
+        if target == "launcher":  # deepspeed.launcher.launch: it signals every rank's process tree
+            launcher_process(proc).send_signal(sig)
         else:
             rank_processes(proc, "finetune.py")[1].send_signal(sig)  # one rank only: all must agree
     return poke
@@ -109,13 +109,13 @@ def test_exact_resume_after_sigusr1_to_one_rank(learnable_dataset, reference, tm
 
 def test_sigterm_to_the_launcher_saves_then_resumes(learnable_dataset, reference, tmp_path):
     out = tmp_path / "run"
-    first = launch(FINETUNE, flags(learnable_dataset, out, num_workers=2),
+    first = launch(FINETUNE, flags(learnable_dataset, out),
                    while_running=interrupt_after_first_checkpoint(out, signal.SIGTERM, "launcher"))
     assert first.returncode not in (0, None), first.tail()
     assert "stop requested" in first.output
     state = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "state.json").read_text())
     assert state["step"] >= 2
-    ok(launch(FINETUNE, flags(learnable_dataset, out, num_workers=2)), "resume")
+    ok(launch(FINETUNE, flags(learnable_dataset, out)), "resume")
     assert_same_as_reference(out, reference)
 
 
@@ -186,13 +186,23 @@ def test_export_gives_the_engines_logits(learnable_dataset, tmp_path):
     torch.testing.assert_close(got, ref["logits"], atol=1e-4, rtol=1e-4)
 
 
-def test_world_size_change_is_refused_without_universal(learnable_dataset, reference, tmp_path):
+def test_world_size_change_needs_universal_and_then_continues_the_data(learnable_dataset, reference, tmp_path):
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     shutil.rmtree(out / "checkpoints" / "step_00000010")
     (out / "checkpoints" / "latest").write_text("step_00000008\n")
-    run = launch(FINETUNE, flags(learnable_dataset, out), nprocs=1)
-    assert run.returncode not in (0, None)
-    assert "--universal" in run.output
+    for path in (out / "examples").glob("rank*.jsonl"):  # forget steps 9-10: they are redone below
+        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= 8]
+        path.write_text("".join(ln + "\n" for ln in keep))
+    refused = launch(FINETUNE, flags(learnable_dataset, out), nprocs=1)
+    assert refused.returncode not in (0, None)
+    assert "--universal" in refused.output
+    resumed = launch(FINETUNE, flags(learnable_dataset, out, universal="true"), nprocs=1)
+    ok(resumed, "universal resume on 1 rank")
+    assert json.loads((out / "DONE.json").read_text())["step"] == 10
+    seen = examples(out)
+    before = {tuple(e) for (rank, step), batches in seen.items() if step <= 8 for b in batches for e in b}
+    after = [tuple(e) for (rank, step), batches in seen.items() if step > 8 for b in batches for e in b]
+    assert len(after) == 2 * 4 and not before & set(after)  # 2 steps x 4 examples, none seen before

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from patchrec_dist.data.stream import Example
-from patchrec_dist.patching.layouts import TEXT, LayoutArrays, LayoutSpec, layout_arrays, ppt_probability, ppt_rng
+from patchrec_dist.patching.layouts import (
+    TEXT,
+    LayoutArrays,
+    LayoutSpec,
+    layout_arrays,
+    ppt_probability,
+    ppt_rng,
+)
 from patchrec_dist.patching.prompt import PromptTokens
 
 

@@ -13,8 +13,9 @@ from patchrec_dist.train.trainer import Trainer
 
 
 def main() -> None:
-    out = sys.argv[1]
-    trainer = Trainer(parse_config(sys.argv[2:], defaults={"stage": "pft-s"}))
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it first
+    out = args[0]
+    trainer = Trainer(parse_config(args[1:], defaults={"stage": "pft-s"}))
     trainer.setup()
     assert trainer.run() == 0
     ids = torch.arange(3, 40).reshape(1, -1) % len(trainer.tokenizer)
