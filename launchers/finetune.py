@@ -5,10 +5,9 @@ Defaults to PFT-S (g = 5); --stage pft-i, text or budget for the others. Exit 75
 on a signal at a checkpoint: run me again (the same command) to resume".
 """
 
-import sys
-
 from patchrec_dist.train.config import parse_config
+from patchrec_dist.train.signals import exit_process
 from patchrec_dist.train.trainer import train
 
 if __name__ == "__main__":
-    sys.exit(train(parse_config(defaults={"stage": "pft-s"}, description=__doc__)))
+    exit_process(train(parse_config(defaults={"stage": "pft-s"}, description=__doc__)))

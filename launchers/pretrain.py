@@ -5,10 +5,9 @@ Every flag is listed by --help; docs/training.md explains them. Exit 75 means "s
 signal at a checkpoint: run me again (the same command) to resume".
 """
 
-import sys
-
 from patchrec_dist.train.config import parse_config
+from patchrec_dist.train.signals import exit_process
 from patchrec_dist.train.trainer import train
 
 if __name__ == "__main__":
-    sys.exit(train(parse_config(defaults={"stage": "ppt"}, description=__doc__)))
+    exit_process(train(parse_config(defaults={"stage": "ppt"}, description=__doc__)))

@@ -29,13 +29,6 @@ def tiny_tokenizer():
     return train_title_tokenizer([*TITLES, template.system, template.instruction], vocab_size=400)
 
 
-def layout_titles(history, layout):
-    segs = []
-    for kind, s, e in zip(layout.kinds, layout.starts, layout.ends):
-        segs.append(("text", TITLES[history[s]]) if kind == 0 else ("patch", None))
-    return segs
-
-
 def check_many(tokenizer, template, titles, rng, cases=200):
     tokens = build_prompt_tokens(tokenizer, template, titles)
     specs = [LayoutSpec("text"), LayoutSpec("text", max_text_items=3), LayoutSpec("pft-i", item_len=2),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -38,7 +39,7 @@ def test_shard_to_s3_and_stream_with_worker_processes(tmp_path, small_log, small
 def test_storage_options_flag_reaches_the_endpoint(tmp_path, small_log, s3_env, monkeypatch):
     monkeypatch.delenv("PATCHREC_S3_ENDPOINT")
     url = f"s3://{s3_env['bucket']}/flagged"
-    opts = '{"client_kwargs": {"endpoint_url": "%s"}}' % s3_env["endpoint"]
+    opts = json.dumps({"client_kwargs": {"endpoint_url": s3_env["endpoint"]}})
     assert shard_main([*_table_args(tmp_path, small_log), "--output", url, "--workers", "1",
                        "--storage-options", opts]) == 0
     assert s3_env["fs"].exists(f"{s3_env['bucket']}/flagged/manifest.json")

@@ -103,7 +103,7 @@ def test_global_time_split_follows_global_quantiles(tmp_path, small_log):
     n = m.counts["interactions"]
     # every interaction is a target of exactly one split; each split's share is its fraction
     per_split = {"train": 0, "val": 0, "test": 0}
-    cut_val = cut_test = None
+    cut_val = None
     for h in users.values():
         covered = []
         for split, rng in h["splits"].items():

@@ -75,7 +75,8 @@ def interrupt_after_first_checkpoint(out: Path, sig: int, target: str):
 
 def test_loss_falls_and_run_is_complete(learnable_dataset, tmp_path):
     out = tmp_path / "run"
-    run = launch(FINETUNE, flags(learnable_dataset, out, max_steps=40, save_every=0, export="true", lr=5e-3))
+    run = launch(FINETUNE, flags(learnable_dataset, out, max_steps=40, save_every=0, export="true", lr=5e-3,
+                                 eval_every=20, eval_batches=2))
     ok(run, "training")
     curve = losses(out)
     first, last = sum(curve[s] for s in range(1, 4)) / 3, sum(curve[s] for s in range(36, 41)) / 5
@@ -87,6 +88,8 @@ def test_loss_falls_and_run_is_complete(learnable_dataset, tmp_path):
                  "train/compression", "train/patch_fraction", "train/data_wait_frac", "sys/mem_gb"):
         assert len(scalars[name]) == 40, name
     assert all(0 < v < 1 for _, v in scalars["train/compression"])  # pft-s feeds fewer positions than text
+    val = dict(scalars["val/loss"])
+    assert sorted(val) == [20, 40] and val[40] < val[20]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")

@@ -17,7 +17,13 @@ import time
 from patchrec_dist.data import storage
 from patchrec_dist.data.manifest import DataSetError
 from patchrec_dist.data.readers import FORMATS, InputError, read_log
-from patchrec_dist.data.sharding import ShardOptions, check_output, default_workers, options_summary, shard_log
+from patchrec_dist.data.sharding import (
+    ShardOptions,
+    check_output,
+    default_workers,
+    options_summary,
+    shard_log,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

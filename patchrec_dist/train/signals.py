@@ -153,3 +153,25 @@ def _collective_device(backend: str, engine: Any) -> torch.device:
 
 
 __all__ = ["DEFAULT_SIGNALS", "RESUME_EXIT_CODE", "StopFlag"]
+
+
+def exit_process(code: int) -> None:
+    """Leave the job together and exit with CODE without running C++ static destructors.
+
+    A rank that exits with gloo / DeepSpeed shm threads still alive can abort in a destructor
+    ("terminate called without an active exception", status -6), turning a clean stop (75) or
+    success (0) into a crash for the launcher. So: barrier, tear the process group down, flush,
+    and leave with os._exit."""
+    import sys
+
+    import torch.distributed as dist
+
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - a broken group must not change the exit code
+        print(f"process group teardown failed: {exc}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

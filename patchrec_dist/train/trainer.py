@@ -333,6 +333,7 @@ class Trainer:
                 "train/compression": stats.history_positions / max(1, stats.text_positions),
                 "train/patch_fraction": stats.patches / max(1, stats.examples),
                 "train/data_wait_frac": stats.data_wait_s / dt, "train/label_tokens": stats.label_tokens,
+                "time/step_s": dt, "time/data_wait_s": stats.data_wait_s,
                 **{f"time/{k}": v for k, v in stats.timings.items()},
             })
             if self.make_val_loader is not None and self.step % cfg.eval_every == 0:
@@ -346,6 +347,7 @@ class Trainer:
                 break
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                 self.save()
+        source.close()  # shuts the DataLoader's workers down now, not at interpreter exit
         if exit_code == 0:
             self.finish()
         self.monitor.close()

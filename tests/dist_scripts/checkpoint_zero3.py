@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 
 import deepspeed
@@ -232,11 +231,10 @@ def main() -> int:
 
 
 def shutdown() -> None:
-    """Leave together and tear the process group down before interpreter exit (a rank exiting
-    with live gloo threads can abort with "terminate called without an active exception")."""
-    dist.barrier()
-    dist.destroy_process_group()
+    """exit_process() does the teardown (barrier, destroy_process_group, os._exit)."""
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from patchrec_dist.train.signals import exit_process
+
+    exit_process(main())

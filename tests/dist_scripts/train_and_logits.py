@@ -26,4 +26,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from patchrec_dist.train.signals import exit_process
+
     main()
+    exit_process(0)
