@@ -41,33 +41,46 @@ class Launch:
 
 
 def launch(script: str, args: list[str], nprocs: int = 2, timeout: float = 180, env: dict | None = None,
-           while_running: Callable[[subprocess.Popen], None] | None = None) -> Launch:
-    """Run SCRIPT on NPROCS CPU ranks; WHILE_RUNNING(proc) may poke the job (signals) as it runs."""
+           while_running: Callable[[subprocess.Popen], None] | None = None,
+           on_line: Callable[[str], None] | None = None) -> Launch:
+    """Run SCRIPT on NPROCS CPU ranks. WHILE_RUNNING(proc) may poke the job (signals) as it runs;
+    ON_LINE(line) sees the output as it comes. The process group is killed at the end, on failure,
+    and at TIMEOUT (then returncode is None)."""
+    import threading
+
     cmd = [*deepspeed_launcher(), "--num_gpus", str(nprocs), "--master_port", str(free_port()), script, *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"launch-{os.getpid()}-{time.time_ns()}.log"
     t0 = time.monotonic()
-    with open(log_path, "w+") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            if while_running is not None:
-                while_running(proc)
-            proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-            code: int | None = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-        log.seek(0)
-        output = log.read()
-    log_path.unlink(missing_ok=True)
-    return Launch(code, output, time.monotonic() - t0)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if on_line is not None:
+                try:
+                    on_line(line)
+                except Exception as exc:  # noqa: BLE001 - report it, never stop reading
+                    lines.append(f"on_line failed: {exc!r}\n")
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if while_running is not None:
+            while_running(proc)
+        code: int | None = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        try:  # no orphans: ranks and their DataLoader workers share the launcher's process group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        reader.join(timeout=10)
+    return Launch(code, "".join(lines), time.monotonic() - t0)
 
 
 def rank_processes(proc: subprocess.Popen, script_name: str) -> list:

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,17 +352,6 @@ def test_s3_save_load_with_staging(s3_env, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # 2 ranks, DeepSpeed ZeRO-3 on CPU
-def _deepspeed_launcher() -> str:
-    pytest.importorskip("deepspeed")
-    exe = Path(sys.executable).with_name("deepspeed")
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("deepspeed")
-    if not found:
-        pytest.skip("deepspeed launcher not found")
-    return found
-
-
 @dataclass
 class Run:
     rc: int | None  # None: killed on timeout
@@ -386,38 +374,12 @@ class Run:
 
 def launch(args: list[str], nprocs: int = 2, timeout: float = 240, env: dict | None = None,
            on_line=None) -> Run:
-    """`deepspeed --num_gpus N` the script in its own process group; kill the group when done,
-    on failure or on TIMEOUT (then rc is None). ON_LINE(line) sees the output as it comes."""
-    cmd = [_deepspeed_launcher(), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), SCRIPT, *args]
-    full_env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **(env or {}))
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1, start_new_session=True)
-    lines: list[str] = []
+    """`deepspeed --num_gpus N` the script (tests/distlaunch.py: own process group, killed at the end
+    or at TIMEOUT, then rc is None). ON_LINE(line) sees the output as it comes."""
+    from tests.distlaunch import launch as launch_script
 
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if on_line is not None:
-                try:
-                    on_line(line)
-                except Exception as exc:  # noqa: BLE001 - report, never kill the reader
-                    lines.append(f"on_line failed: {exc!r}\n")
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        rc: int | None = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        rc = None
-    finally:
-        try:  # no orphans: ranks share the launcher's process group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
-        reader.join(timeout=10)
-    return Run(rc, "".join(lines), time.monotonic() - start)
+    run = launch_script(SCRIPT, args, nprocs=nprocs, timeout=timeout, env=env, on_line=on_line)
+    return Run(run.returncode, run.output, run.seconds)
 
 
 def _ok(run: Run, what: str) -> None:

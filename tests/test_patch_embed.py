@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -326,50 +319,12 @@ def test_hf_llama_input_embeddings_train():
 
 # ---------------------------------------------------------------------------------------------
 # 2 ranks, DeepSpeed ZeRO-3 on CPU
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deepspeed_launcher() -> str:
-    pytest.importorskip("deepspeed")
-    exe = Path(sys.executable).with_name("deepspeed")
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("deepspeed")
-    if not found:
-        pytest.skip("deepspeed launcher not found")
-    return found
-
-
 def _launch_zero3(extra: list[str], timeout: float) -> tuple[int | None, str, float]:
     """Run the 2-rank script in its own process group; (returncode or None on timeout, output, s)."""
-    cmd = [_deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(_free_port()), ZERO3_SCRIPT, *extra]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        rc: int | None = proc.returncode
-    except subprocess.TimeoutExpired:
-        rc = None
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-    finally:
-        try:  # no orphans: ranks the launcher left behind share its process group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return rc, out, time.monotonic() - start
+    from tests.distlaunch import launch
+
+    run = launch(ZERO3_SCRIPT, extra, nprocs=2, timeout=timeout)
+    return run.returncode, run.output, run.seconds
 
 
 @pytest.mark.multiproc

@@ -196,3 +196,12 @@ def test_examples_know_their_batch_number(small_dataset):
     resumed = StreamLoader(small_dataset, cfg, rank=1, world=2)
     resumed.load_state_dict(state)
     assert {e.batch for e in next(iter(resumed))} == {6}
+
+
+def test_max_examples_takes_a_fixed_prefix_of_the_order(small_dataset):
+    cfg = StreamConfig(split="train", batch_size=4, num_workers=0, shuffle=False, remainder="pad", max_examples=30)
+    per_rank = []
+    for rank in range(2):
+        per_rank.append([e for b in StreamLoader(small_dataset, cfg, rank=rank, world=2) for e in b])
+    real = sorted(e.index for part in per_rank for e in part if not e.pad)
+    assert real == list(range(30)) and len(per_rank[0]) == len(per_rank[1])

@@ -54,6 +54,7 @@ class StreamConfig:
     remainder: str = "drop"  # drop | pad: what to do with examples that do not fill a batch on every rank
     num_workers: int = 2
     verify_checksums: bool = True
+    max_examples: int | None = None  # only the first N examples of the epoch's order (evaluation subsets)
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -110,6 +111,8 @@ def plan_epoch(manifest: Manifest, cfg: StreamConfig, epoch: int, world: int, wo
     window_starts = np.zeros(len(windows) + 1, dtype=np.int64)
     np.cumsum([counts[w].sum() for w in windows], out=window_starts[1:])
     total = int(window_starts[-1])
+    if cfg.max_examples is not None:
+        total = min(total, cfg.max_examples)
     work = [(0, total)] if work is None else [(int(a), int(b)) for a, b in work if b > a]
     available = sum(b - a for a, b in work)
     slots = world * max(1, workers)

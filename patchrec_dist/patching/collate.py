@@ -26,6 +26,7 @@ class Batch:
     label_tokens: int  # labelled tokens in the batch: the weight of this micro-batch's loss
     history_positions: int  # positions fed for histories
     text_positions: int  # positions the same histories cost as all text
+    pads: list[bool] = field(default_factory=list)  # rows that only fill the last batch (remainder="pad")
     indices: list[int] = field(default_factory=list)  # examples' positions in the epoch order
     examples: list[tuple[str, int]] = field(default_factory=list)  # (user, target position) per row
     targets: list[int] = field(default_factory=list)
@@ -37,7 +38,7 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                      self.patches.to(device), self.num_examples, self.label_tokens, self.history_positions,
-                     self.text_positions, self.indices, self.examples, self.targets)
+                     self.text_positions, self.pads, self.indices, self.examples, self.targets)
 
 
 @dataclass
@@ -47,12 +48,25 @@ class Collator:
     tokens: PromptTokens
     padding_side: str = "right"
     pad_to_multiple: int = 1
+    for_generation: bool = False  # cut every prompt where the answer starts (left padding then)
 
     def __call__(self, items: list[Features | list[Features]]) -> Batch:
         feats: list[Features] = []
         for it in items:
             feats.extend(it if isinstance(it, list) else [it])
+        if self.for_generation:
+            feats = [generation_prompt(f, self.tokens) for f in feats]
         return collate_features(feats, self.tokens, self.padding_side, self.pad_to_multiple)
+
+
+def generation_prompt(f: Features, tokens: PromptTokens) -> Features:
+    """F cut where the model starts answering: no answer, no labels, nothing that depends on the target."""
+    cut = f.label_start - int(tokens.answer_label_start[f.target]) + tokens.generation_lead
+    return Features(
+        input_ids=f.input_ids[:cut], label_start=cut, label_end=cut, patch_positions=f.patch_positions,
+        patch_offsets=f.patch_offsets, patch_items=f.patch_items, history_positions=f.history_positions,
+        text_positions=f.text_positions, history_items=f.history_items, target=f.target, index=f.index,
+        pad=f.pad, user=f.user, position=f.position)
 
 
 def collate_features(feats: list[Features], tokens: PromptTokens, padding_side: str = "right",
@@ -95,6 +109,6 @@ def collate_features(feats: list[Features], tokens: PromptTokens, padding_side: 
         patches=index, num_examples=sum(not f.pad for f in feats),
         label_tokens=int(sum(f.label_end - f.label_start for f in feats)),
         history_positions=sum(f.history_positions for f in feats), text_positions=sum(f.text_positions for f in feats),
-        indices=[f.index for f in feats], examples=[(f.user, f.position) for f in feats],
+        pads=[f.pad for f in feats], indices=[f.index for f in feats], examples=[(f.user, f.position) for f in feats],
         targets=[f.target for f in feats],
     )
