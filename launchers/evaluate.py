@@ -9,10 +9,16 @@ OUTPUT/metrics.json and OUTPUT/predictions.jsonl (OUTPUT defaults to RUN/eval-SP
 a run, eval/ scalars in its TensorBoard.
 """
 
+import sys
+
 from patchrec_dist.evaluate.run import EvalConfig, evaluate
 from patchrec_dist.train.config import parse_config
 from patchrec_dist.train.signals import exit_process
 
 if __name__ == "__main__":
-    evaluate(parse_config(cls=EvalConfig, description=__doc__))
+    try:
+        evaluate(parse_config(cls=EvalConfig, description=__doc__))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        exit_process(2)
     exit_process(0)

@@ -161,21 +161,3 @@ def test_collated_patches_are_means_of_title_embeddings(tiny_tokenizer, side):
             assert (lab[lab != IGNORE_INDEX] == row_ids[lab != IGNORE_INDEX]).all()
     assert batch.label_tokens == int((batch.labels != IGNORE_INDEX).sum())
 
-
-def test_generation_prompts_never_depend_on_the_target(tiny_tokenizer):
-    from patchrec_dist.patching.collate import generation_prompt
-
-    titles = [t.strip() for t in TITLES]
-    tokens = build_prompt_tokens(tiny_tokenizer, PromptTemplate.for_domain("movie"), titles)
-    history = np.arange(8) % len(titles)
-    layout = layout_arrays(LayoutSpec("pft-s", group_size=2), len(history))
-    prompts = {tuple(generation_prompt(assemble(tokens, history, layout, t), tokens).input_ids.tolist())
-               for t in range(len(titles))}
-    assert len(prompts) == 1  # the same prompt whatever the target
-    (prompt,) = prompts
-    text = chat_text(tiny_tokenizer, PromptTemplate.for_domain("movie"),
-                     history_text([("text", titles[history[s]]) if k == 0 else ("patch", None)
-                                   for k, s in zip(layout.kinds, layout.starts)]), None)
-    # the generation prompt is the chat template's own (add_generation_prompt=True), lead included
-    assert tokens.generation_lead > 0
-    assert list(prompt) == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -48,25 +48,13 @@ class Collator:
     tokens: PromptTokens
     padding_side: str = "right"
     pad_to_multiple: int = 1
-    for_generation: bool = False  # cut every prompt where the answer starts (left padding then)
 
     def __call__(self, items: list[Features | list[Features]]) -> Batch:
         feats: list[Features] = []
         for it in items:
             feats.extend(it if isinstance(it, list) else [it])
-        if self.for_generation:
-            feats = [generation_prompt(f, self.tokens) for f in feats]
         return collate_features(feats, self.tokens, self.padding_side, self.pad_to_multiple)
 
-
-def generation_prompt(f: Features, tokens: PromptTokens) -> Features:
-    """F cut where the model starts answering: no answer, no labels, nothing that depends on the target."""
-    cut = f.label_start - int(tokens.answer_label_start[f.target]) + tokens.generation_lead
-    return Features(
-        input_ids=f.input_ids[:cut], label_start=cut, label_end=cut, patch_positions=f.patch_positions,
-        patch_offsets=f.patch_offsets, patch_items=f.patch_items, history_positions=f.history_positions,
-        text_positions=f.text_positions, history_items=f.history_items, target=f.target, index=f.index,
-        pad=f.pad, user=f.user, position=f.position)
 
 
 def collate_features(feats: list[Features], tokens: PromptTokens, padding_side: str = "right",

@@ -148,17 +148,6 @@ class PromptTokens:
     def num_items(self) -> int:
         return len(self.title_offsets) - 1
 
-    @property
-    def generation_lead(self) -> int:
-        """Answer tokens every item's answer starts with (the template's lead, when it tokenizes on
-        its own): a generation prompt ends after them, so it never depends on the target."""
-        n = len(self.lead)
-        if n == 0 or not np.all(self.answer_label_start == n):
-            return 0
-        starts = self.answer_offsets[:-1]
-        heads = self.answer_flat[starts[:, None] + np.arange(n)[None, :]]
-        return n if np.all(heads == self.lead[None, :]) else 0
-
     def title_lengths(self) -> np.ndarray:
         return np.diff(self.title_offsets)
 

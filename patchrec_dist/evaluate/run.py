@@ -1,0 +1,192 @@
+"""Evaluation: constrained title generation from patched prompts, scored with HR@K / NDCG@K.
+
+Examples are split over ranks (each rank holds a full copy of the exported model: generation
+is data-parallel), predictions are gathered to rank 0 and ordered by their position in the split,
+so 1 rank and N ranks give identical metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from patchrec_dist.data import storage
+from patchrec_dist.data.catalog import catalog_titles
+from patchrec_dist.data.manifest import load_manifest
+from patchrec_dist.data.stream import StreamConfig, StreamLoader
+from patchrec_dist.patching.features import Patcher
+from patchrec_dist.patching.layouts import LayoutSpec
+from patchrec_dist.patching.prompt import build_prompt_tokens, resolve_template
+from patchrec_dist.train.config import STAGES
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EvalConfig:
+    data: str = _f("", "data set folder or URL")
+    run: str | None = _f(None, "a training run (its final export, saved layout and TensorBoard)")
+    model: str | None = _f(None, "an HF model folder instead of --run")
+    output: str = _f("", "where metrics.json and predictions.jsonl go (default RUN/eval-SPLIT)")
+    split: str = _f("test", "split to evaluate", choices=("train", "val", "test"))
+    max_examples: int | None = _f(None, "only the first N examples of the split (a fixed subset)")
+    top_k: int = _f(20, "titles returned per example")
+    beams: int = _f(20, "beam width")
+    batch_size: int = _f(8, "examples per generation batch on each rank")
+    scoring: str = _f("strict", "strict or patchrec-compat (the released prefix rule)",
+                      choices=("strict", "patchrec-compat"))
+    max_history: int | None = _f(100, "most recent history items per example; 0 keeps all")
+    stage: str | None = _f(None, "layout (default: the run's training stage)", choices=STAGES)
+    item_len: int | None = _f(None, "pft-i override")
+    group_size: int | None = _f(None, "pft-s override")
+    max_text_items: int | None = _f(None, "text override")
+    max_positions: int | None = _f(None, "budget override")
+    prompt_file: str | None = _f(None, "two-line prompt file (default: the run's / data set's)")
+    domain: str | None = _f(None, "movie or book")
+    num_workers: int = _f(1, "DataLoader workers per rank")
+    dist_timeout_s: int = _f(600, "collective timeout")
+    tb_step: int | None = _f(None, "step for the eval/ TensorBoard scalars (default: the run's last step)")
+
+    def check(self) -> None:
+        if not self.data:
+            raise ValueError("--data is required")
+        if bool(self.run) == bool(self.model):
+            raise ValueError("give exactly one of --run (a training run) or --model (an HF folder)")
+        for name in ("top_k", "beams", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.beams < self.top_k:
+            raise ValueError(f"--beams ({self.beams}) must be >= --top-k ({self.top_k})")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError("--max-examples must be >= 1")
+
+    def output_dir(self) -> str:
+        return self.output or storage.join(self.run or self.model, f"eval-{self.split}")
+
+
+def _run_config(run: str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(storage.join(run, "config.json")))
+
+
+def layout_for(cfg: EvalConfig, run_cfg: dict[str, Any]) -> LayoutSpec:
+    """The layout the model was trained with, unless flags say otherwise. PPT trains on random
+    layouts; its deterministic evaluation is all text (p = 0), which its paired copies train."""
+    stage = cfg.stage or run_cfg.get("stage", "text")
+    if stage == "ppt":
+        stage = "text"
+    pick = lambda name, default: getattr(cfg, name) if getattr(cfg, name) is not None else run_cfg.get(name, default)  # noqa: E731
+    return LayoutSpec(stage=stage, item_len=pick("item_len", 5), group_size=pick("group_size", 5),
+                      max_text_items=pick("max_text_items", None), max_positions=pick("max_positions", None),
+                      session_gap=run_cfg.get("session_gap"), max_session_items=run_cfg.get("max_session_items"))
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        import datetime
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=600))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from patchrec_dist.evaluate.generate import GenerationCollator, generate_topk
+    from patchrec_dist.evaluate.metrics import Prediction, finalize, format_table, score_sums
+    from patchrec_dist.evaluate.trie import TitleTrie
+
+    rank, world = _dist()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    manifest = load_manifest(cfg.data)
+    titles = catalog_titles(manifest)
+    run_cfg = _run_config(cfg.run) if cfg.run else {}
+    if cfg.run and not storage.is_local(cfg.run):
+        raise ValueError("--run on a remote URL: export it locally first (tools/export_hf.py RUN OUT) and pass --model OUT")
+    model_dir = os.path.join(cfg.run, "final") if cfg.run else cfg.model
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        hint = f" (export it: python tools/export_hf.py {cfg.run} {cfg.run}/final)" if cfg.run else ""
+        raise ValueError(f"{model_dir}: not a model folder{hint}")
+    template = resolve_template(manifest.prompt, cfg.prompt_file or run_cfg.get("prompt_file"),
+                                cfg.domain or run_cfg.get("domain"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = build_prompt_tokens(tokenizer, template, titles)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    spec = layout_for(cfg, run_cfg)
+    trie = TitleTrie.from_prompt_tokens(tokens)
+
+    stream_cfg = StreamConfig(split=cfg.split, batch_size=cfg.batch_size, shuffle=False, remainder="pad",
+                              max_history=cfg.max_history or None, num_workers=cfg.num_workers,
+                              max_examples=cfg.max_examples)
+    loader = StreamLoader(manifest, stream_cfg, rank, world, transform=Patcher(tokens, spec),
+                          collate_fn=GenerationCollator(tokens))
+    preds: list[tuple[int, Prediction, list[list[int]]]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(loader) * world * cfg.batch_size, unit="ex", disable=rank != 0, desc=f"evaluating {cfg.split}")
+    with torch.no_grad():
+        for batch in loader:
+            results = generate_topk(model, model.get_input_embeddings(), batch.to(device), trie,
+                                    num_beams=cfg.beams, top_k=cfg.top_k)
+            for i, res in enumerate(results):
+                if batch.indices[i] < 0 or batch.pads[i]:
+                    continue
+                user, _ = batch.examples[i]
+                items = [sorted(leaf) for leaf, _, _ in res]
+                pred = Prediction(user=user, target=batch.targets[i], titles=[titles[it[0]] for it in items],
+                                  scores=[float(s) for _, s, _ in res])
+                preds.append((batch.indices[i], pred, items))
+            bar.update(len(results) * world)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    gathered: list[list[tuple[int, Prediction, list[list[int]]]]] = [preds]
+    if world > 1:
+        gathered = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, preds)
+    result: dict[str, Any] = {}
+    if rank == 0:
+        ordered = sorted((x for part in gathered for x in part), key=lambda x: x[0])
+        metrics = finalize(score_sums([p for _, p, _ in ordered], titles, scoring=cfg.scoring))
+        result = {
+            "metrics": metrics, "split": cfg.split, "examples": len(ordered), "scoring": cfg.scoring,
+            "model": model_dir, "run": cfg.run, "data": cfg.data, "layout": asdict(spec),
+            "top_k": cfg.top_k, "beams": cfg.beams, "ranks": world,
+            "examples_per_s": round(len(ordered) / max(seconds, 1e-9), 2),
+        }
+        _write_outputs(cfg, result, ordered, titles)
+        print(format_table(metrics))
+        print(f"{len(ordered)} {cfg.split} examples in {seconds:.1f}s on {world} rank(s); wrote {cfg.output_dir()}")
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _write_outputs(cfg: EvalConfig, result: dict[str, Any], preds: list, titles: list[str]) -> None:
+    out = cfg.output_dir()
+    lines = []
+    for _, p, leaves in preds:
+        lines.append(json.dumps({"user": p.user, "target": p.target, "target_title": titles[p.target],
+                                 "top": [{"items": items, "title": t, "score": s}
+                                         for items, t, s in zip(leaves, p.titles, p.scores or [])]}))
+    storage.write_bytes_atomic(storage.join(out, "predictions.jsonl"), ("\n".join(lines) + "\n").encode())
+    storage.write_bytes_atomic(storage.join(out, "metrics.json"), (json.dumps(result, indent=2) + "\n").encode())
+    if cfg.run and storage.is_local(cfg.run):
+        from patchrec_dist.monitor.tensorboard import Monitor
+
+        step = cfg.tb_step
+        if step is None:
+            done = os.path.join(cfg.run, "DONE.json")
+            step = json.load(open(done))["step"] if os.path.exists(done) else 0
+        mon = Monitor(os.path.join(cfg.run, "tb"), True, 0, step)
+        mon.scalars(step, {f"eval/{cfg.split}/{k}": v for k, v in result["metrics"].items() if isinstance(v, float)})
+        mon.close()
