@@ -111,13 +111,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     manifest = load_manifest(cfg.data)
     titles = catalog_titles(manifest)
-    run_cfg = _run_config(cfg.run) if cfg.run else {}
     if cfg.run and not storage.is_local(cfg.run):
         raise ValueError("--run on a remote URL: export it locally first (tools/export_hf.py RUN OUT) and pass --model OUT")
     model_dir = os.path.join(cfg.run, "final") if cfg.run else cfg.model
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         hint = f" (export it: python tools/export_hf.py {cfg.run} {cfg.run}/final)" if cfg.run else ""
         raise ValueError(f"{model_dir}: not a model folder{hint}")
+    run_cfg = _run_config(cfg.run) if cfg.run else {}
     template = resolve_template(manifest.prompt, cfg.prompt_file or run_cfg.get("prompt_file"),
                                 cfg.domain or run_cfg.get("domain"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
