@@ -48,12 +48,33 @@ def init_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    release_shm_names()
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def release_shm_names() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped it.
+
+    DeepSpeed's shm comm op (CPU accelerator) creates a 69 MB /dev/shm segment per rank and never
+    unlinks it, so every launch leaks that much RAM until reboot (tmpfs). Its initialize maps all
+    peers' segments before returning; after a barrier the names are no longer needed, and the
+    memory is freed when the last process unmaps it."""
+    import glob
+
+    if not dist.is_initialized() or torch.cuda.is_available():
+        return
+    dist.barrier()
+    port, rank = os.environ.get("MASTER_PORT", "*"), dist.get_rank()
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def local_work_dir(output: str) -> str:

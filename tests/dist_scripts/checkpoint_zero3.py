@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import hashlib
 import json
 import os
@@ -128,7 +127,9 @@ def main() -> int:
     ap.add_argument("--pg-timeout", type=float, default=60.0)
     args, _ = ap.parse_known_args()  # the launcher adds --local_rank=N
 
-    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=args.pg_timeout))
+    from patchrec_dist.train.trainer import init_distributed
+
+    init_distributed(args.pg_timeout)  # gloo on CPU; also unlinks DeepSpeed's leaked /dev/shm buffers
     rank, world = dist.get_rank(), dist.get_world_size()
     stop = StopFlag(signals=[s for s in args.stop_signals.split(",") if s])
     say(f"RANK {rank} PID {os.getpid()}")

@@ -37,7 +37,6 @@ Modes:
 from __future__ import annotations
 
 import argparse
-import datetime
 import random
 import sys
 
@@ -116,7 +115,9 @@ def main() -> int:
     parser.add_argument("--pg-timeout", type=float, default=60.0, help="gloo timeout, seconds")
     args, _ = parser.parse_known_args()  # the launcher adds --local_rank=N
 
-    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=args.pg_timeout))
+    from patchrec_dist.train.trainer import init_distributed
+
+    init_distributed(args.pg_timeout)  # gloo on CPU; also unlinks DeepSpeed's leaked /dev/shm buffers
     rank = deepspeed.comm.get_rank()
     world = deepspeed.comm.get_world_size()
     assert world == 2, world
