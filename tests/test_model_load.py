@@ -1,0 +1,55 @@
+"""Model set-up: vocabulary growth for the PatchRec tokens, config parsing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchrec_dist.model.load import resize_for_tokenizer
+from patchrec_dist.model.tiny import tiny_llama_config
+from patchrec_dist.train.config import TrainConfig, parse_config
+
+
+def test_new_embedding_rows_are_the_mean_of_the_old_ones():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(100, hidden_size=16))
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    assert resize_for_tokenizer(model, 104, zero3=False) == 4
+    new_in, new_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert new_in.shape == (104, 16) and new_out.shape == (104, 16) and model.config.vocab_size == 104
+    torch.testing.assert_close(new_in[:100], old_in)
+    torch.testing.assert_close(new_in[100:], old_in.mean(0, keepdim=True).expand(4, -1))
+    torch.testing.assert_close(new_out[100:], old_out.mean(0, keepdim=True).expand(4, -1))
+    assert resize_for_tokenizer(model, 104, zero3=False) == 0  # nothing to add
+
+
+def test_config_file_and_flags(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("data: /d\nmicro-batch: 3\nstage: pft-i\nitem_len: 7\n")
+    cfg = parse_config(["--config", str(cfg_file), "--micro-batch", "5", "--lora", "--max-history", "none"],
+                       defaults={"stage": "ppt"})
+    assert (cfg.data, cfg.micro_batch, cfg.stage, cfg.item_len, cfg.lora, cfg.max_history) == ("/d", 5, "pft-i", 7, True, None)
+    assert cfg.hash() == TrainConfig(**cfg.to_dict()).hash()
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--micro-batch", "0"], "--micro-batch"),
+    (["--stage", "budget"], "max_positions"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio"),
+    (["--lr", "0"], "--lr"),
+])
+def test_bad_training_flags_name_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--data", "/d", *argv])
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_unknown_config_key_is_refused(tmp_path, capsys):
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text('{"data": "/d", "learning_rate": 1}')
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(cfg_file)])
+    assert "learning_rate" in capsys.readouterr().err
