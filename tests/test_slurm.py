@@ -221,3 +221,34 @@ def test_usr1_saves_requeues_and_resumes_exactly(runs):
     assert sorted(a) == sorted(b) == list(range(1, PRETRAIN_STEPS + 1)), (sorted(a), sorted(b))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+def test_pipeline_chains_the_three_stages_and_skips_finished_ones(learnable_dataset, jobs, tmp_path):
+    """`bash slurm/pipeline.sh`: pretrain -> finetune (initialised from pretrain) -> evaluate, chained
+    with afterok; submitted again, it finds every stage finished and submits nothing."""
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PATCHREC_CPU": "1", "DATA": learnable_dataset, "RUNS": str(runs), "PYTHONUNBUFFERED": "1",
+           "SBATCH_ARGS": "--time=10 --cpus-per-task=1",
+           "PRETRAIN_ARGS": " ".join(train_flags(max_steps=4, save_every=0)),
+           "FINETUNE_ARGS": " ".join(train_flags(max_steps=4, save_every=0, export="true")),
+           "EVAL_ARGS": "--max-examples 8 --beams 4 --top-k 4 --batch-size 4"}
+    env["PRETRAIN_ARGS"] = env["PRETRAIN_ARGS"].replace("--export false", "--export true")
+    out = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    ids = re.findall(r"job (\d+)", out.stdout)
+    assert len(ids) == 3, out.stdout
+    jobs.extend(ids)
+    assert f"tensorboard --logdir {runs}" in out.stdout
+    bounded_wait(lambda: job_info(ids[-1]).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+                 420, "the evaluation job to end")
+    logs = "\n".join(job_log(tmp_path / "logs", j) for j in ids)
+    assert [job_info(j).get("JobState") for j in ids] == ["COMPLETED"] * 3, logs[-4000:]
+    assert json.loads((runs / "finetune" / "config.json").read_text())["init"] == str(runs / "pretrain")
+    metrics = json.loads((runs / "finetune" / "eval-test" / "metrics.json").read_text())
+    assert metrics["examples"] == 8 and metrics["ranks"] == 2
+    for stage in ("pretrain", "finetune"):
+        assert len(read_scalars(str(runs / stage / "tb"))["train/loss"]) == 4
+    again = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "job " not in again.stdout and again.stdout.count("finished already") == 3
