@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -27,29 +26,6 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE"}
-
-
-def _sinfo_answers() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=15).returncode == 0
-    except subprocess.TimeoutExpired:
-        return False
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> None:
-    """A SLURM controller that answers: start the local one if needed (never skip)."""
-    if _sinfo_answers():
-        return
-    try:
-        run = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh")], capture_output=True, text=True,
-                             timeout=600)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"slurm/local_cluster.sh did not finish in 600 s:\n{exc.stderr}")
-    if run.returncode != 0 or not _sinfo_answers():
-        pytest.fail(f"slurm/local_cluster.sh failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""pretrain -> finetune -> evaluate through submitit, on SLURM or as local processes.
+
+    python launchers/submit.py --cluster slurm --data s3://bucket/ml1m --runs runs/ml1m --nproc 8 \\
+        --slurm partition=gpu,gpus_per_node=8,cpus_per_task=64 --pretrain-args "--max-steps 2000"
+    python launchers/submit.py --cluster local --cpu --nproc 2 --data data/ml100k --runs runs/demo
+    python launchers/submit.py ... --dry-run        # show what would be submitted
+
+Stages that already finished are skipped. On SLURM each stage depends on the previous one
+(afterok); preemption saves a checkpoint before submitit requeues (patchrec_dist/pipeline.py).
+"""
+
+import argparse
+import shlex
+import sys
+
+from patchrec_dist.pipeline import pipeline_stages, submit
+
+
+def parse_slurm(text: str) -> dict:
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"submit: error: --slurm {item!r}: expected key=value")
+        out[key if key in ("timeout_min", "nodes", "tasks_per_node", "cpus_per_task", "gpus_per_node", "name")
+            else f"slurm_{key}"] = int(value) if value.isdigit() else value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cluster", choices=("slurm", "local"), default="slurm")
+    p.add_argument("--data", required=True)
+    p.add_argument("--runs", default="runs", help="folder for the three stages")
+    p.add_argument("--model", default=None, help="pretrain's --model (finetune starts from pretrain)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per stage (one node)")
+    p.add_argument("--cpu", action="store_true", help="CPU ranks (DS_ACCELERATOR=cpu)")
+    p.add_argument("--pretrain-args", default="", help="extra pretrain flags (one string)")
+    p.add_argument("--finetune-args", default="", help="extra finetune flags")
+    p.add_argument("--eval-args", default="", help="extra evaluate flags")
+    p.add_argument("--slurm", default="", help="submitit parameters: key=value,... (partition=gpu,gpus_per_node=8)")
+    p.add_argument("--logs", default="logs/submitit", help="submitit's folder (job logs, pickles)")
+    p.add_argument("--wait", action="store_true", help="wait until the last stage finished")
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+    stages = pipeline_stages(args.data, args.runs, args.nproc, args.cpu, shlex.split(args.pretrain_args),
+                             shlex.split(args.finetune_args), shlex.split(args.eval_args), args.model)
+    if not stages:
+        print("every stage finished already")
+        return 0
+    if args.dry_run:
+        for s in stages:
+            print(f"{s.name}: {shlex.join(s.command())}")
+        return 0
+    jobs = submit(stages, args.cluster, args.logs, parse_slurm(args.slurm), wait=args.wait)
+    for s, j in zip(stages, jobs):
+        print(f"{s.name}: job {j.job_id}")
+    print(f"curves: tensorboard --logdir {args.runs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
