@@ -50,6 +50,7 @@ class Stage(submitit.helpers.Checkpointable):
     cpu: bool = False
     stop_timeout_s: float = 300.0
     _proc: Any = field(default=None, repr=False, compare=False)
+    _requeueing: bool = field(default=False, repr=False, compare=False)
 
     def command(self, port: int = 29500) -> list[str]:
         script = str(REPO / self.launcher)
@@ -71,6 +72,11 @@ class Stage(submitit.helpers.Checkpointable):
                                           preexec_fn=_ignore_stop_signals)
             code = self._proc.wait()
             self._proc = None
+            if self._requeueing:
+                # checkpoint() ran (preemption/timeout): submitit requeues the job, and SLURM ends
+                # this process; returning would record a result for a job that is not finished.
+                while True:
+                    time.sleep(60)
             if code != RESUME_EXIT_CODE:
                 break
         if code != 0:
@@ -79,6 +85,7 @@ class Stage(submitit.helpers.Checkpointable):
 
     # -- submitit: requeue only after the ranks saved ------------------------------------------
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        self._requeueing = True
         proc = self._proc
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGUSR1)  # launchers ignore it; every rank saves and exits 75
@@ -89,7 +96,7 @@ class Stage(submitit.helpers.Checkpointable):
 
     def __getstate__(self) -> dict[str, Any]:  # submitit pickles the stage to requeue it
         state = dict(self.__dict__)
-        state["_proc"] = None
+        state["_proc"], state["_requeueing"] = None, False
         return state
 
 

@@ -54,3 +54,4 @@ def test_slurm_pipeline_through_submitit(learnable_dataset, slurm_cluster, tmp_p
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count(": job ") == 3
     check_done(runs)
+
