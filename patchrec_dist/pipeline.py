@@ -20,8 +20,9 @@ from typing import Any
 
 import submitit
 
+from patchrec_dist.train.signals import RESUME_EXIT_CODE
+
 REPO = Path(__file__).resolve().parents[1]
-RESUME_EXIT_CODE = 75
 
 
 def _ignore_stop_signals() -> None:

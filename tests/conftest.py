@@ -12,15 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.distlaunch import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 PATCHREC_DATA = SHARED / "data" / "patchrec"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -50,7 +50,7 @@ def test_missing_bucket_and_unreachable_endpoint_fail_clearly(tmp_path, small_lo
     assert shard_main([*args, "--output", "s3://no-such-bucket-here/ds", "--workers", "1"]) == 2
     assert "cannot write to s3://no-such-bucket-here/ds" in capsys.readouterr().err
 
-    from tests.conftest import free_port
+    from tests.distlaunch import free_port
 
     monkeypatch.setenv("PATCHREC_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nobody listens there
     t0 = time.time()

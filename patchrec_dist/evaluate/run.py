@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -23,11 +23,7 @@ from patchrec_dist.data.stream import StreamConfig, StreamLoader
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import LayoutSpec
 from patchrec_dist.patching.prompt import build_prompt_tokens, resolve_template
-from patchrec_dist.train.config import STAGES
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+from patchrec_dist.train.config import STAGES, _f
 
 
 @dataclass

@@ -66,7 +66,7 @@ def assemble(tokens: PromptTokens, history: np.ndarray, layout: LayoutArrays, ta
     toff = tokens.title_offsets
     # each segment is a run of the token pool: a title (text) or the placeholder; then a separator
     pool_patch = len(tokens.title_flat)
-    pool = np.concatenate([tokens.title_flat, np.array([tokens.patch, tokens.item_sep, tokens.seq_end], np.int32)])
+    pool = tokens.token_pool
     seg_start = np.where(is_text, toff[first_item], pool_patch)
     seg_len = np.where(is_text, toff[first_item + 1] - toff[first_item], 1)
     sep = np.full(n_seg, pool_patch + 1)

@@ -12,6 +12,8 @@ that the result equals tokenizing the whole chat-formatted text.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -148,6 +150,12 @@ class PromptTokens:
     def num_items(self) -> int:
         return len(self.title_offsets) - 1
 
+    @functools.cached_property
+    def token_pool(self) -> np.ndarray:
+        """Every title's tokens, then the placeholder, separator and end marker: what a worker
+        gathers a history's ids from (built once per process, not per example)."""
+        return np.concatenate([self.title_flat, np.array([self.patch, self.item_sep, self.seq_end], np.int32)])
+
     def title_lengths(self) -> np.ndarray:
         return np.diff(self.title_offsets)
 
@@ -252,8 +260,9 @@ def _tokenize(tokenizer: Any, template: PromptTemplate, titles: list[str], key: 
 
 def _save(tokens: PromptTokens, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {k: v for k, v in tokens.__dict__.items() if isinstance(v, np.ndarray)}
-    scalars = {k: v for k, v in tokens.__dict__.items() if not isinstance(v, np.ndarray)}
+    values = {f.name: getattr(tokens, f.name) for f in dataclasses.fields(tokens)}  # not cached properties
+    arrays = {k: v for k, v in values.items() if isinstance(v, np.ndarray)}
+    scalars = {k: v for k, v in values.items() if not isinstance(v, np.ndarray)}
     tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
     np.savez(tmp, scalars=json.dumps(scalars), **arrays)
     os.replace(tmp, path)
