@@ -1,18 +1,48 @@
 """pretrain -> finetune -> evaluate as submitit jobs (SLURM, or local processes).
 
-Each stage is a submitit Checkpointable that runs the stage's launcher under DeepSpeed's launcher
-on one node. On preemption or timeout submitit calls `checkpoint()` in the job's main process
-(rank 0 of submitit's view, not of training): it forwards SIGUSR1 to the training ranks, waits
-until they saved and exited 75, and only then asks submitit to requeue. The requeued stage runs
-the same command, which resumes from that checkpoint (`--resume auto`).
+Each stage is a submitit Checkpointable that runs one launcher on one node. The stage's process is
+the node's launcher: it starts the N rank processes itself, with the environment and arguments
+DeepSpeed's launcher gives them (`deepspeed --num_gpus N LAUNCHER FLAGS`, which `command()`
+shows and patchrec_dist/runner.py runs): RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, CROSS_RANK,
+CROSS_SIZE, MASTER_ADDR, MASTER_PORT, CUDA_VISIBLE_DEVICES and `--local_rank=i`.
+
+Stopping, checked on the local SLURM cluster (tests/test_submit.py):
+
+- SLURM signals every process of the job step, not only submitit's: `--signal=USR2@90` before the
+  time limit (submitit's default; USR2 is submitit's preemption signal), SIGTERM on a preemption
+  or `scancel`; submitit's `job._interrupt()` sends TERM then USR2 (`_interrupt(timeout=True)`:
+  USR2 only). `scancel --signal=TERM` makes slurmstepd log `*** STEP N.0 ... CANCELLED ***`, but
+  the step goes on.
+- The ranks save at the next step boundary and exit 75 on USR1 or TERM (train/signals.py). They
+  start with USR1 and USR2 ignored: USR2 is not theirs (its default action would kill them), and a
+  USR1 before the trainer installed its handler must not kill them either.
+- submitit's USR2 handler runs here (submitit's rank 0) and calls `checkpoint()`, which sends USR1
+  to the ranks (again every few seconds) and returns once every rank exited, so submitit dumps the
+  stage and runs `scontrol requeue` (which ends the job at once) only after the ranks saved. The
+  wait is bounded by `stop_timeout_s` and by the job's time left (squeue), so that the requeue
+  still happens before the time limit.
+- Ranks that stop at a checkpoint without submitit's signal (a preemption that sends only TERM,
+  `scancel --signal=USR1 JOBID`, `kill -USR1` by hand) are requeued the same way: the stage calls
+  submitit's own handler, as if its signal had come. Outside a submitit job the stage resumes in
+  place. USR1 and TERM sent to this process are forwarded to the ranks as USR1.
+
+Why not DeepSpeed's launcher processes here: the runner (`deepspeed`) has no SIGTERM handler and
+dies of it, and the per-node launcher (`deepspeed.launcher.launch`) answers SIGTERM with SIGTERM
+to the ranks, SIGKILL 30 s later and exit 1: a preemption could kill ranks in the middle of a
+ZeRO-3 save, and the stage never saw their exit 75. And the waits never block in `Popen.wait()`:
+it holds a lock that makes `poll()` from a signal handler return None until the process is reaped
+(the earlier `checkpoint()` waited its whole timeout before requeueing).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,25 +54,72 @@ from patchrec_dist.train.signals import RESUME_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _ignore_stop_signals() -> None:
-    """For the launcher processes: USR1 is for the ranks (which install their own handler), USR2 is
-    submitit's preemption signal (for the job's main process only)."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+#: After a rank failed (exit not 0/75) the others get SIGTERM, then SIGKILL this much later (as
+#: DeepSpeed's launcher does).
+FAILED_RANK_GRACE_S = 30.0
+#: checkpoint() sends USR1 again this often while it waits (a rank still starting up ignores it).
+RESEND_S = 5.0
+#: Kept free before the time limit for the dump and `scontrol requeue` after the ranks stopped.
+REQUEUE_MARGIN_S = 15.0
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
 
 
+def _preempt_signal() -> int:
+    """submitit's preemption signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
+    return int(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG, signal.SIGUSR2))
+
+
+def _rank_preexec(pgid: int, ignored: tuple[int, ...]) -> None:
+    """In each rank process before exec: one process group for the stage's ranks (and their
+    DataLoader workers), and the stop/preemption signals ignored until the trainer installs its
+    own USR1/TERM handler (ignored dispositions survive exec)."""
+    os.setpgid(0, pgid)
+    for sig in ignored:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _log(message: str) -> None:
+    print(f"[patchrec stage {time.strftime('%F %T')}] {message}", file=sys.stderr, flush=True)
+
+
+def _alive(proc: subprocess.Popen) -> bool:
+    """Whether PROC still runs. Safe in a signal handler: unlike Popen.poll(), which returns None
+    while the interrupted main thread holds the Popen's wait lock."""
+    if proc.returncode is not None:
+        return False
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def slurm_time_left_s() -> float | None:
+    """Seconds before this SLURM job's time limit (`squeue -o %L`), None if unknown/unlimited."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", out)
+    if not m:
+        return None  # UNLIMITED, NOT_SET, INVALID, or no answer
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
 @dataclass
 class Stage(submitit.helpers.Checkpointable):
-    """One stage: `deepspeed --num_gpus N LAUNCHER FLAGS` (or plain python for nproc = 0)."""
+    """One stage: LAUNCHER FLAGS on NPROC ranks (`deepspeed --num_gpus N`), plain python for nproc = 0."""
 
     name: str
     launcher: str  # launchers/pretrain.py, finetune.py or evaluate.py
@@ -50,10 +127,10 @@ class Stage(submitit.helpers.Checkpointable):
     nproc: int = 1
     cpu: bool = False
     stop_timeout_s: float = 300.0
-    _proc: Any = field(default=None, repr=False, compare=False)
-    _requeueing: bool = field(default=False, repr=False, compare=False)
+    _procs: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     def command(self, port: int = 29500) -> list[str]:
+        """The equivalent user command: `deepspeed --num_gpus N LAUNCHER FLAGS` (python for nproc 0)."""
         script = str(REPO / self.launcher)
         if self.nproc <= 0:
             return [sys.executable, script, *self.flags]
@@ -66,38 +143,165 @@ class Stage(submitit.helpers.Checkpointable):
             env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
         return env
 
+    def device_ids(self) -> list[str]:
+        """This node's device ids: the CUDA_VISIBLE_DEVICES SLURM gave when it names enough of them,
+        else 0..N-1 (as slurm/common.sh does; `deepspeed --num_gpus N` always takes 0..N-1)."""
+        ids = [str(i) for i in range(max(1, self.nproc))]
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        if not self.cpu and visible != ["NoDevFiles"] and len(visible) >= len(ids):
+            ids = visible[:len(ids)]
+        return ids
+
+    def rank_commands(self, port: int) -> list[tuple[list[str], dict[str, str]]]:
+        """(argv, environment) of each rank process, as DeepSpeed's launcher would start them."""
+        script = str(REPO / self.launcher)
+        env = self.env()
+        if self.nproc <= 0:
+            return [([sys.executable, "-u", script, *self.flags], env)]
+        n = self.nproc
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n), LOCAL_SIZE=str(n),
+                   CROSS_RANK="0", CROSS_SIZE="1", CUDA_VISIBLE_DEVICES=",".join(self.device_ids()))
+        return [([sys.executable, "-u", script, f"--local_rank={i}", *self.flags], {**env, "RANK": str(i),
+                                                                                    "LOCAL_RANK": str(i)})
+                for i in range(n)]
+
+    # -- running -------------------------------------------------------------------------------
     def __call__(self) -> dict[str, Any]:
-        """Run the stage to its end; a stop at a checkpoint (exit 75) is resumed in place."""
-        while True:
-            self._proc = subprocess.Popen(self.command(_free_port()), cwd=REPO, env=self.env(), start_new_session=True,
-                                          preexec_fn=_ignore_stop_signals)
-            code = self._proc.wait()
-            self._proc = None
-            if self._requeueing:
-                # checkpoint() ran (preemption/timeout): submitit requeues the job, and SLURM ends
-                # this process; returning would record a result for a job that is not finished.
-                while True:
-                    time.sleep(60)
-            if code != RESUME_EXIT_CODE:
-                break
+        """Run the stage to its end. A stop at a checkpoint (exit 75) is requeued through submitit
+        in a submitit job, resumed in place otherwise."""
+        restore = self._forward_stop_signals()
+        try:
+            while True:
+                code = self._run_ranks()
+                if code != RESUME_EXIT_CODE:
+                    break
+                self._requeue_after_stop()  # returns only outside submitit: resume in place
+        finally:
+            restore()
+            self._kill_ranks()
         if code != 0:
             raise RuntimeError(f"stage {self.name} failed: {' '.join(self.command())} exited with {code}")
         return {"stage": self.name, "exit": code}
 
-    # -- submitit: requeue only after the ranks saved ------------------------------------------
+    def _run_ranks(self) -> int:
+        """Start the ranks, wait for all of them; 0, 75 (all stopped at a checkpoint) or a failure."""
+        ignored = tuple(dict.fromkeys((signal.SIGUSR1, signal.SIGUSR2, _preempt_signal())))
+        self._procs = []
+        for argv, env in self.rank_commands(_free_port()):
+            pgid = self._procs[0].pid if self._procs else 0
+            self._procs.append(subprocess.Popen(argv, cwd=REPO, env=env,
+                                                preexec_fn=lambda pgid=pgid: _rank_preexec(pgid, ignored)))
+        _log(f"{self.name}: {len(self._procs)} rank(s) started: {' '.join(self.command())}")
+        failed_at: float | None = None
+        while True:
+            codes = [p.poll() for p in self._procs]  # main thread, never a blocking wait (see _alive)
+            if all(c is not None for c in codes):
+                break
+            if failed_at is None and any(c not in (None, 0, RESUME_EXIT_CODE) for c in codes):
+                failed_at = time.monotonic()
+                _log(f"{self.name}: a rank failed (exit codes {codes}): stopping the others")
+                self._signal_ranks(signal.SIGTERM)
+            elif failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
+                self._kill_ranks()
+            time.sleep(0.2)
+        _log(f"{self.name}: ranks exited with {codes}")
+        bad = [c for c in codes if c not in (0, RESUME_EXIT_CODE)]
+        if bad:
+            return bad[0]
+        return RESUME_EXIT_CODE if RESUME_EXIT_CODE in codes else 0
+
+    def _signal_ranks(self, sig: int) -> None:
+        for p in self._procs:
+            if _alive(p):
+                try:
+                    os.kill(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def _kill_ranks(self) -> None:
+        """SIGKILL whatever is left of the ranks' process group (ranks and DataLoader workers)."""
+        if self._procs:
+            try:
+                os.killpg(self._procs[0].pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _forward_stop_signals(self):
+        """USR1/TERM to this process -> USR1 to the ranks (then the previous handler, e.g.
+        submitit's TERM logger). Returns the function that restores the previous handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous: dict[int, Any] = {}
+
+        def forward(signum, frame) -> None:
+            _log(f"{self.name}: got {signal.Signals(signum).name}: asking the ranks to save and stop (USR1)")
+            self._signal_ranks(signal.SIGUSR1)
+            old = previous.get(signum)
+            if callable(old):
+                old(signum, frame)
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            if sig != _preempt_signal():  # never replace submitit's own handler
+                previous[sig] = signal.signal(sig, forward)
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+        return restore
+
+    # -- submitit: requeue only after the ranks saved --------------------------------------------
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        self._requeueing = True
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGUSR1)  # launchers ignore it; every rank saves and exits 75
-            deadline = time.monotonic() + self.stop_timeout_s
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
+        """submitit calls this on its preemption/timeout signal, then requeues: stop the ranks first."""
+        self.stop_ranks()
         return submitit.helpers.DelayedSubmission(self)
+
+    def stop_ranks(self) -> bool:
+        """USR1 to the ranks (again every RESEND_S) until every rank exited, within stop_timeout_s
+        and the job's time left. True if they all exited."""
+        if not any(_alive(p) for p in self._procs):
+            _log(f"{self.name}: stop requested: every rank had exited already")
+            return True
+        budget = self.stop_timeout_s
+        left = slurm_time_left_s()
+        if left is not None:
+            budget = max(1.0, min(budget, left - REQUEUE_MARGIN_S))
+        _log(f"{self.name}: stop requested: asking the ranks to save and stop (USR1), waiting up to {budget:.0f}s")
+        t0 = time.monotonic()
+        sent = float("-inf")
+        while any(_alive(p) for p in self._procs) and time.monotonic() - t0 < budget:
+            if time.monotonic() - sent >= RESEND_S:
+                self._signal_ranks(signal.SIGUSR1)
+                sent = time.monotonic()
+            time.sleep(0.2)
+        if any(_alive(p) for p in self._procs):
+            _log(f"{self.name}: ranks still running after {budget:.0f}s: requeueing anyway (the requeued job "
+                 "resumes from the newest complete checkpoint)")
+            return False
+        _log(f"{self.name}: every rank exited after {time.monotonic() - t0:.1f}s: requeueing")
+        return True
+
+    def _requeue_after_stop(self) -> None:
+        """The ranks stopped at a checkpoint (exit 75). In a submitit job: requeue through submitit's
+        own handler (checkpoint(), dump, `scontrol requeue`, exit), as if its signal had come.
+        Returns only outside a submitit job (then the caller resumes in place)."""
+        sig = _preempt_signal()
+        handler = signal.getsignal(sig) if threading.current_thread() is threading.main_thread() else None
+        if not os.environ.get("SUBMITIT_EXECUTOR") or not callable(handler):
+            _log(f"{self.name}: the ranks stopped at a checkpoint: resuming in place")
+            return
+        signal.signal(sig, signal.SIG_IGN)  # a signal arriving now must not requeue a second time
+        _log(f"{self.name}: the ranks stopped at a checkpoint without submitit's signal: requeueing through "
+             "submitit")
+        try:
+            handler(sig, None)  # exits (SystemExit) once requeued
+        except subprocess.CalledProcessError as exc:  # scontrol requeue refused: the job is ending anyway
+            raise RuntimeError(f"stage {self.name} stopped at a checkpoint but could not be requeued ({exc}); "
+                               "run it again to resume") from exc
 
     def __getstate__(self) -> dict[str, Any]:  # submitit pickles the stage to requeue it
         state = dict(self.__dict__)
-        state["_proc"], state["_requeueing"] = None, False
+        state["_procs"] = []
         return state
 
 
@@ -120,13 +324,16 @@ def pipeline_stages(data: str, runs: str, nproc: int, cpu: bool, pretrain_flags:
 
 def submit(stages: list[Stage], cluster: str, folder: str, slurm_params: dict[str, Any] | None = None,
            wait: bool = False) -> list[Any]:
-    """Submit STAGES in order, each after the previous one succeeded; returns the submitit jobs."""
+    """Submit STAGES in order, each after the previous one succeeded; returns the submitit jobs.
+
+    On SLURM every job is submitted with --requeue (so that `scontrol requeue` works where the
+    cluster's JobRequeue default is 0) and, from the second on, --dependency=afterok:<previous>."""
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     jobs: list[Any] = []
     for stage in stages:
         params: dict[str, Any] = {"name": f"patchrec-{stage.name}", "timeout_min": 60 * 24, "nodes": 1,
                                   "tasks_per_node": 1, **(slurm_params or {})}
-        extra: dict[str, Any] = dict(params.pop("slurm_additional_parameters", {}))
+        extra: dict[str, Any] = {"requeue": True, **params.pop("slurm_additional_parameters", {})}
         if jobs and cluster == "slurm":
             extra["dependency"] = f"afterok:{jobs[-1].job_id}"
         if cluster == "slurm":

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +60,94 @@ def test_slurm_pipeline_through_submitit(learnable_dataset, slurm_cluster, tmp_p
     assert run.stdout.count(": job ") == 3
     check_done(runs)
 
+
+
+PREEMPT_STEPS = 60
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(420)
+def test_slurm_stage_preempted_through_submitit_saves_requeues_and_resumes_exactly(learnable_dataset, slurm_cluster,
+                                                                                   tmp_path):
+    """A pretrain Stage submitted through submitit (the path of `launchers/submit.py --cluster slurm`) is
+    interrupted twice with submitit's own `job._interrupt`: first `timeout=True` (USR2 alone, what SLURM's
+    `--signal=USR2@90` sends before the time limit: the ranks stop only because checkpoint() asks them), then
+    a preemption (SIGTERM then USR2 to every process of the step). Each time the ranks save before submitit
+    requeues; the job resumes from that step and ends with the losses of an uninterrupted run."""
+    import submitit
+
+    from patchrec_dist.monitor.tensorboard import read_scalars
+    from patchrec_dist.pipeline import Stage
+    from patchrec_dist.pipeline import submit as submit_stages
+    from tests.distlaunch import launch
+    from tests.test_slurm import TERMINAL, bounded_wait, job_info, train_flags
+
+    t0 = time.monotonic()
+    out, ref_out, folder = tmp_path / "pt", tmp_path / "ref", tmp_path / "submitit"
+    flags = ["--data", learnable_dataset, "--output", str(out), "--model", "tiny",
+             *train_flags(max_steps=PREEMPT_STEPS, save_every=2)]
+    ref: dict = {}
+    reference = threading.Thread(daemon=True, target=lambda: ref.update(run=launch(
+        "launchers/pretrain.py", [*flags[:2], "--output", str(ref_out), *flags[4:]], timeout=300,
+        while_running=lambda proc: ref.update(proc=proc))))
+    reference.start()
+    # timeout_min=60: submitit calls a signal in the first 80% of the time a preemption (with the tests' 10
+    # minutes every signal counts as a timeout, which uses up submitit's max_num_timeout=3)
+    job = submit_stages([Stage("pretrain", "launchers/pretrain.py", flags, nproc=2, cpu=True)], "slurm",
+                        str(folder), {"cpus_per_task": 1, "timeout_min": 60})[0]
+    assert isinstance(job, submitit.SlurmJob)
+
+    def log() -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(folder.glob(f"{job.job_id}_0_log.*")))
+
+    def running_past(step: int):  # the job runs and has a checkpoint after STEP
+        def check() -> bool:
+            state = job_info(job.job_id).get("JobState", "")
+            if state in TERMINAL:
+                raise AssertionError(f"job {job.job_id} ended ({state}) before it was interrupted:\n{log()[-4000:]}")
+            return any(int(p.name.split("_")[1]) > step for p in (out / "checkpoints").glob("step_*"))
+        return check
+
+    try:
+        bounded_wait(running_past(0), 180, "the first checkpoint")
+        t_first = time.monotonic() - t0
+        job._interrupt(timeout=True)  # scancel --signal USR2 JOB
+        bounded_wait(lambda: len(re.findall(r"resumed at step \d+", log())) == 1, 120, "the first resume")
+        first_resume = int(re.search(r"resumed at step (\d+)", log()).group(1))
+        bounded_wait(running_past(first_resume), 120, "a checkpoint after the first resume")
+        t_second = time.monotonic() - t0
+        job._interrupt()  # scancel --signal SIGTERM JOB; scancel --signal USR2 JOB
+        bounded_wait(lambda: job_info(job.job_id).get("JobState") in TERMINAL
+                     and job_info(job.job_id).get("Restarts") == "2", max(10.0, 330 - (time.monotonic() - t0)),
+                     "the twice requeued job to finish", interval=0.5)
+        info, text = job_info(job.job_id), log()
+        print(f"stage job {job.job_id}: interrupted at {t_first:.0f}s and {t_second:.0f}s, done at "
+              f"{time.monotonic() - t0:.0f}s")
+        assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (info, text[-4000:])
+        assert job.result() == {"stage": "pretrain", "exit": 0}
+        # the ranks saved: on checkpoint()'s USR1 (10) the first time, on SLURM's TERM (15) the second
+        stops = re.findall(r"stop requested \(signal \[([\d, ]+)\]\): saving at step (\d+)", text)
+        assert len(stops) == 2 and stops[0][0].split(", ")[0] == "10" and stops[1][0].split(", ")[0] == "15", stops
+        assert "12" not in " ".join(s for s, _ in stops)  # USR2 is submitit's, ignored by the ranks
+        # ... before submitit requeued (checkpoint() returned once every rank had exited) ...
+        assert "every rank exited after" in text and "ranks still running after" not in text, text[-4000:]
+        assert len(re.findall(r"Requeued job \d+", text)) == 2 and text.count("Starting with JobEnvironment") == 3
+        # ... and each run resumed at the step the previous one saved
+        assert [int(s) for s in re.findall(r"resumed at step (\d+)", text)] == [int(s) for _, s in stops], text[-4000:]
+        assert json.loads((out / "DONE.json").read_text()) == {"step": PREEMPT_STEPS, "total_steps": PREEMPT_STEPS}
+
+        reference.join(timeout=max(1.0, 380 - (time.monotonic() - t0)))
+        assert not reference.is_alive(), "the reference run did not finish"
+        assert ref["run"].returncode == 0, f"reference run failed ({ref['run'].returncode}):\n{ref['run'].tail()}"
+        a = dict(read_scalars(str(ref_out / "tb"))["train/loss"])
+        b = dict(read_scalars(str(out / "tb"))["train/loss"])
+        assert sorted(a) == sorted(b) == list(range(1, PREEMPT_STEPS + 1)), (sorted(a), sorted(b))
+        for step in a:
+            assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+    finally:
+        subprocess.run(["scancel", job.job_id], capture_output=True, timeout=30)
+        if "proc" in ref and reference.is_alive():
+            try:
+                os.killpg(ref["proc"].pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

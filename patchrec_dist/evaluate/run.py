@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -143,7 +144,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                               max_examples=cfg.max_examples)
     loader = StreamLoader(manifest, stream_cfg, rank, world, transform=Patcher(tokens, spec),
                           collate_fn=GenerationCollator(tokens))
-    preds: list[tuple[int, Prediction, list[list[int]]]] = []
+    preds: list[tuple[int, Prediction, list[list[int]], tuple[int, int, int]]] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(loader) * world * cfg.batch_size, unit="ex", disable=rank != 0, desc=f"evaluating {cfg.split}")
     with torch.no_grad():
@@ -157,23 +158,30 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 items = [sorted(leaf) for leaf, _, _ in res]
                 pred = Prediction(user=user, target=batch.targets[i], titles=[titles[it[0]] for it in items],
                                   scores=[float(s) for _, s, _ in res])
-                preds.append((batch.indices[i], pred, items))
+                fed = (*batch.row_positions[i], int(batch.attention_mask[i].sum()))
+                preds.append((batch.indices[i], pred, items, fed))
             bar.update(len(results) * world)
     bar.close()
     seconds = time.perf_counter() - t0
-    gathered: list[list[tuple[int, Prediction, list[list[int]]]]] = [preds]
+    gathered: list[list[tuple[int, Prediction, list[list[int]], tuple[int, int, int]]]] = [preds]
     if world > 1:
         gathered = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(gathered, preds)
     result: dict[str, Any] = {}
     if rank == 0:
         ordered = sorted((x for part in gathered for x in part), key=lambda x: x[0])
-        metrics = finalize(score_sums([p for _, p, _ in ordered], titles, scoring=cfg.scoring))
+        metrics = finalize(score_sums([p for _, p, _, _ in ordered], titles, scoring=cfg.scoring))
+        fed = np.array([f for *_, f in ordered], dtype=np.float64).reshape(-1, 3)
         result = {
             "metrics": metrics, "split": cfg.split, "examples": len(ordered), "scoring": cfg.scoring,
             "model": model_dir, "run": cfg.run, "data": cfg.data, "layout": asdict(spec),
             "top_k": cfg.top_k, "beams": cfg.beams, "ranks": world,
             "examples_per_s": round(len(ordered) / max(seconds, 1e-9), 2),
+            # what the prompts cost: history positions under this layout, the same histories as
+            # all text, and the whole generation prompt (system, instruction, markers included)
+            "positions_fed_per_example": round(float(fed[:, 0].mean()), 1) if len(fed) else 0.0,
+            "text_positions_per_example": round(float(fed[:, 1].mean()), 1) if len(fed) else 0.0,
+            "prompt_tokens_per_example": round(float(fed[:, 2].mean()), 1) if len(fed) else 0.0,
         }
         _write_outputs(cfg, result, ordered, titles)
         print(format_table(metrics))
@@ -186,7 +194,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 def _write_outputs(cfg: EvalConfig, result: dict[str, Any], preds: list, titles: list[str]) -> None:
     out = cfg.output_dir()
     lines = []
-    for _, p, leaves in preds:
+    for _, p, leaves, _ in preds:
         lines.append(json.dumps({"user": p.user, "target": p.target, "target_title": titles[p.target],
                                  "top": [{"items": items, "title": t, "score": s}
                                          for items, t, s in zip(leaves, p.titles, p.scores or [])]}))

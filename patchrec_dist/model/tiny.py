@@ -36,3 +36,19 @@ def tiny_llama_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, h
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings,
                        rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=0)
+
+
+def save_tiny_model(folder: str, titles: Iterable[str], vocab_size: int = 1024, hidden_size: int = 64,
+                    layers: int = 2, seed: int = 0) -> str:
+    """Write a random tiny Llama and its title tokenizer as an ordinary HF folder: what `--model
+    FOLDER` takes, so smoke runs exercise the same path as a real base model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = train_title_tokenizer(titles, vocab_size)
+    config = tiny_llama_config(len(tok), hidden_size=hidden_size, layers=layers)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -30,6 +30,7 @@ class Batch:
     indices: list[int] = field(default_factory=list)  # examples' positions in the epoch order
     examples: list[tuple[str, int]] = field(default_factory=list)  # (user, target position) per row
     targets: list[int] = field(default_factory=list)
+    row_positions: list[tuple[int, int]] = field(default_factory=list)  # (history, all-text) positions per row
 
     @property
     def compression(self) -> float:
@@ -38,7 +39,7 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                      self.patches.to(device), self.num_examples, self.label_tokens, self.history_positions,
-                     self.text_positions, self.pads, self.indices, self.examples, self.targets)
+                     self.text_positions, self.pads, self.indices, self.examples, self.targets, self.row_positions)
 
 
 @dataclass
@@ -98,5 +99,5 @@ def collate_features(feats: list[Features], tokens: PromptTokens, padding_side: 
         label_tokens=int(sum(f.label_end - f.label_start for f in feats)),
         history_positions=sum(f.history_positions for f in feats), text_positions=sum(f.text_positions for f in feats),
         pads=[f.pad for f in feats], indices=[f.index for f in feats], examples=[(f.user, f.position) for f in feats],
-        targets=[f.target for f in feats],
+        targets=[f.target for f in feats], row_positions=[(f.history_positions, f.text_positions) for f in feats],
     )

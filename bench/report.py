@@ -1,0 +1,155 @@
+"""Render README's results section from bench/results/*.json.
+
+    python bench/report.py            # rewrite the section between the markers in README.md
+    python bench/report.py --check    # exit 1 if README's section is not what the JSON says
+
+Every number in the section comes from a JSON file a benchmark wrote, next to the command that
+wrote it and the machine it ran on; tests/test_report.py keeps README and the files in step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- results:begin (bench/report.py writes this) -->", "<!-- results:end -->"
+
+
+def load_results(folder: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def _machine(m: dict) -> str:
+    device = m.get("device") or "CPU"
+    cpus = f", {m['cpus']} cores" if m.get("cpus") else ""
+    return f"{device}{cpus}"
+
+
+def speed_rows(r: dict[str, dict]) -> list[str]:
+    rows = []
+    if "shard" in r:
+        s = r["shard"]
+        rows.append(f"| sharding {s['input']['interactions'] / 1e6:.0f}M interactions ({s['input']['users']:,} users, "
+                    f"histories up to {s['input']['max_history']:,}) | {s['interactions_per_s'] / 1e6:.2f}M "
+                    f"interactions/s, peak RSS {s['peak_rss_largest_process_gb']:.1f} GB | `{s['command']}` | "
+                    f"{_machine(s['machine'])} |")
+    if "patching" in r:
+        p = r["patching"]
+        w = p["worker_examples_per_s_per_core"]
+        for name, row in w.items():
+            rows.append(f"| patching worker, {name} | {row['examples_per_s']:,.0f} examples/s/core "
+                        f"({row['positions_fed_per_example']:.0f} of {row['all_text_positions_per_example']:,.0f} "
+                        f"all-text positions) | `{p['command']}` | {_machine(p['machine'])} |")
+        e = p["patch_embed_speedup_vs_per_item_loop"]
+        rows.append(f"| one-call patch embedding vs the released per-item loop ({e['batch']} x {e['history_items']} "
+                    f"items, {e['embedding']}, {e['what']}, equal outputs and grads: {e['outputs_and_grads_equal']}) | "
+                    f"{e['speedup']:.0f}x | `{p['command']}` | {_machine(p['machine'])} |")
+    if "train_step" in r:
+        t = r["train_step"]
+        for model, runs in t["runs"].items():
+            text, pfts = runs["text"]["median_s"], runs["pft-s"]["median_s"]
+            fb = (pfts["forward_s"] + pfts["backward_s"]) / (text["forward_s"] + text["backward_s"])
+            rows.append(f"| train step pft-s(5) / text(100 items), {model}, ZeRO-3, 1 rank | {pfts['step_s']:.3g} s / "
+                        f"{text['step_s']:.3g} s = {runs['pft_s_over_text_step_time']:.2f} (forward+backward "
+                        f"{fb:.2f}; target {t['target']['pft_s_over_text_step_time']}) | `{t['command']}` | "
+                        f"{_machine(t['machine'])} |")
+    if "evaluate" in r:
+        v = r["evaluate"]
+        eps = v["examples_per_s"]
+        rows.append(f"| evaluation: KV-cache trie beam search vs the released protocol ({v['setup']['beams']} beams, "
+                    f"same top-{v['setup']['top_k']}: {v['same_top_k']}) | {eps['kv-cache']:.1f} vs "
+                    f"{eps['released-reference']:.1f} examples/s = {v['speedup']:.1f}x | `{v['command']}` | "
+                    f"{_machine(v['machine'])} |")
+    return rows
+
+
+def positions_table(p: dict) -> list[str]:
+    table = p["positions_fed_per_test_example"]
+    if not isinstance(table, dict):
+        return []
+    cols = ["text", "pft-i(5)", "pft-s(5)", "pft-s(20)"]
+    out = ["| data set | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, row in table["table"].items():
+        cells = [str(row["text"])] + [f"{row[c]} ({row[c] / row['text']:.0%})" for c in cols[1:]]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
+
+
+def quality_tables(r: dict[str, dict]) -> list[str]:
+    out = []
+    cols = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@10", "NDCG@20")
+    for key in sorted(k for k in r if k.startswith("quality-")):
+        q = r[key]
+        out += ["", f"**{q['data']}**: {q['model']}, {q['steps']} fine-tuning steps per layout (micro-batch "
+                f"{q['micro_batch']} x {q['ranks']} ranks, lr {q['lr']}), first {q['examples']} test examples; "
+                f"`{q['command']}` on {_machine(q['machine'])}, {q['total_s'] / 60:.0f} min. "
+                f"Plot: `bench/results/{key}.png`.", "",
+                "| model | positions fed | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for name, row in q["rows"].items():
+            fed = row["positions_fed_per_example"]
+            out.append(f"| {name} | {'-' if fed is None else f'{fed:.0f}'} | " +
+                       " | ".join(f"{row['metrics'].get(c, float('nan')):.4f}" for c in cols) + " |")
+    return out
+
+
+def demo_table(r: dict[str, dict]) -> list[str]:
+    d = r.get("demo")
+    if not d:
+        return []
+    cols = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@10", "NDCG@20")
+    c = d["config"]
+    out = ["", f"**`make demo`** (MovieLens-100K, {c['model']}, PPT {c['pretrain_steps']} steps then PFT-S "
+           f"{c['finetune_steps']} steps, {c['ranks']} ranks; first {d['examples']} test examples): "
+           f"{d['total_s'] / 60:.1f} min on {_machine(d.get('machine', {}))}. History positions fed: "
+           f"{d['positions']['history_positions_fed_per_example']:.0f} per example against "
+           f"{d['positions']['history_positions_all_text_per_example']:.0f} as all text.", "",
+           "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, m in d["metrics"].items():
+        out.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in cols) + " |")
+    return out
+
+
+def render(results: dict[str, dict]) -> str:
+    lines = [BEGIN, "", "Each row is one run of its command; ratios come from the same run. Full numbers: "
+             "`bench/results/*.json`.", "",
+             "| what | result | command | machine |", "|---|---|---|---|", *speed_rows(results)]
+    if "patching" in results and positions_table(results["patching"]):
+        lines += ["", "History positions fed per test example (100-item window, Llama-3.2 tokens), equal to the "
+                  "paper's data as reference.md lists them:", "", *positions_table(results["patching"])]
+    q = quality_tables(results) + demo_table(results)
+    if q:
+        lines += ["", "### Recommendation quality", *q]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def splice(readme: str, section: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise ValueError(f"README.md has no results markers ({BEGIN} ... {END})")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return head + section + tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="compare instead of writing")
+    p.add_argument("--readme", default=str(REPO / "README.md"))
+    p.add_argument("--results", default=str(REPO / "bench" / "results"))
+    args = p.parse_args(argv)
+    readme = Path(args.readme).read_text()
+    updated = splice(readme, render(load_results(Path(args.results))))
+    if args.check:
+        if updated != readme:
+            print(f"{args.readme}: the results section is out of date; run python bench/report.py", file=sys.stderr)
+            return 1
+        return 0
+    Path(args.readme).write_text(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Train a baseline on a data set's train split and evaluate it exactly as the LLM is evaluated.
+
+Same examples: training reads the train split through the stream's own window loader (the same
+target ranges and minimum target position as the LLM's training examples); evaluation takes the
+first `max_examples` examples of the split in the stream's unshuffled order, the subset
+`patchrec_dist.evaluate.run` evaluates, with histories capped at `max_history` as there.
+
+Same metrics: each example's ranked items become ranked *titles* (the first `top_k` distinct
+titles, each standing for every catalog item with that title, as a leaf of the LLM's title trie
+does), scored by `patchrec_dist.evaluate.metrics` (`score_sums` / `finalize`, strict by default).
+Nothing is excluded from the ranking, not even the history's items: the LLM evaluation does not
+exclude them either, and excluding them would make the numbers incomparable.
+
+Writes OUTPUT/metrics.json (the LLM's keys "metrics", "split", "examples", "scoring", plus
+"baseline") and OUTPUT/predictions.jsonl (the LLM's line format).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from patchrec_dist.baselines.popularity import Popularity
+from patchrec_dist.baselines.sasrec import SASRecConfig, UserSequence, fit_sasrec, sasrec_scores
+from patchrec_dist.data import storage
+from patchrec_dist.data.catalog import catalog_titles
+from patchrec_dist.data.manifest import DataSetError, Manifest, load_manifest
+from patchrec_dist.data.stream import Example, StreamConfig, iter_examples, load_window, plan_epoch
+from patchrec_dist.evaluate.metrics import Prediction, TitleIndex, finalize, format_table, score_sums
+from patchrec_dist.train.config import _f
+
+BASELINES = ("popularity", "sasrec")
+ScoreFn = Callable[[list[np.ndarray]], np.ndarray]  # histories -> (B, n_items) scores
+
+
+@dataclass
+class BaselineConfig:
+    data: str = _f("", "data set folder or URL")
+    baseline: str = _f("popularity", "which baseline", choices=BASELINES)
+    output: str = _f("", "where metrics.json and predictions.jsonl go")
+    split: str = _f("test", "split to evaluate", choices=("train", "val", "test"))
+    max_examples: int | None = _f(None, "only the first N examples of the split (the LLM evaluation's subset)")
+    top_k: int = _f(20, "titles returned per example")
+    scoring: str = _f("strict", "strict or patchrec-compat (the released prefix rule)",
+                      choices=("strict", "patchrec-compat"))
+    max_history: int | None = _f(100, "most recent history items per example, as the LLM stream; 0 keeps all")
+    seed: int = _f(42, "seed for SASRec's initialisation and data order")
+    # SASRec
+    max_len: int = _f(50, "sasrec: most recent items the model sees (capped by --max-history)")
+    hidden: int = _f(64, "sasrec: embedding and hidden size")
+    blocks: int = _f(2, "sasrec: self-attention blocks")
+    heads: int = _f(2, "sasrec: attention heads")
+    dropout: float = _f(0.2, "sasrec: dropout")
+    epochs: int = _f(30, "sasrec: passes over the training targets")
+    batch_size: int = _f(128, "sasrec: training windows per step")
+    lr: float = _f(1e-3, "sasrec: AdamW learning rate")
+    weight_decay: float = _f(0.0, "sasrec: AdamW weight decay")
+    eval_batch_size: int = _f(256, "examples scored per forward pass")
+
+    def check(self) -> None:
+        """Refuse values that cannot work, naming the flag."""
+        if not self.data:
+            raise ValueError("--data is required: a data set folder or URL")
+        if not self.output:
+            raise ValueError("--output is required: where metrics.json and predictions.jsonl go")
+        for name in ("top_k", "max_len", "hidden", "blocks", "heads", "epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"--max-examples must be >= 1; got {self.max_examples}")
+        if self.max_history is not None and self.max_history < 0:
+            raise ValueError(f"--max-history must be >= 0; got {self.max_history}")
+        if self.hidden % self.heads:
+            raise ValueError(f"--hidden ({self.hidden}) must be a multiple of --heads ({self.heads})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1); got {self.dropout}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0; got {self.lr}")
+
+    def sasrec_config(self) -> SASRecConfig:
+        # the model never sees more history than the LLM's examples hold
+        max_len = min(self.max_len, self.max_history) if self.max_history else self.max_len
+        return SASRecConfig(max_len=max_len, hidden=self.hidden, blocks=self.blocks, heads=self.heads,
+                            dropout=self.dropout, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                            weight_decay=self.weight_decay, seed=self.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# the examples
+
+
+def train_users(manifest: Manifest) -> list[UserSequence]:
+    """Every user with train targets, with the inclusive range of its train target positions.
+
+    Read through the stream's own window loader, so the ranges (and the minimum target position)
+    are the ones the LLM's training examples come from; it also checks them against the manifest."""
+    cfg = StreamConfig(split="train", shuffle=False, window_shards=1, num_workers=0)
+    plan = plan_epoch(manifest, cfg, epoch=0, world=1, workers=1)
+    users = []
+    for w in range(len(plan.windows)):
+        window = load_window(manifest, plan, cfg, w)
+        counts = np.diff(window.example_offsets)
+        for record, first, count in zip(window.users, window.first_target, counts):
+            if count > 0:
+                users.append(UserSequence(record.items, int(first), int(first + count - 1)))
+    return users
+
+
+def counted_interactions(users: list[UserSequence], max_history: int | None) -> list[np.ndarray]:
+    """Per user, the interactions some train example shows (history capped at max_history, or target)."""
+    reach = max_history or None
+    return [u.items[max(0, u.first_target - reach) if reach else 0 : u.last_target + 1] for u in users]
+
+
+def eval_examples(manifest: Manifest, split: str, max_examples: int | None,
+                  max_history: int | None) -> list[Example]:
+    """The first MAX_EXAMPLES examples of SPLIT in the unshuffled order, as the LLM evaluation reads them."""
+    cfg = StreamConfig(split=split, shuffle=False, max_history=max_history or None, max_examples=max_examples,
+                       num_workers=0)
+    plan = plan_epoch(manifest, cfg, epoch=0, world=1, workers=1)
+    return list(iter_examples(manifest, plan, cfg, [(iv, False) for iv in plan.work]))
+
+
+# ---------------------------------------------------------------------------------------------
+# ranking and scoring
+
+
+def ranked_titles(scores: np.ndarray, index: TitleIndex, top_k: int) -> list[tuple[str, list[int], float]]:
+    """The first TOP_K distinct titles of the items ranked by score (ties: smaller item index first).
+
+    An item whose title an earlier item already gave adds nothing: like a leaf of the LLM's title
+    trie, a title is returned once and stands for every item that has it."""
+    out: list[tuple[str, list[int], float]] = []
+    seen: set[str] = set()
+    for item in np.argsort(-scores, kind="stable"):
+        title = index.titles[item]
+        if title in seen or not index.is_valid(title):
+            continue
+        seen.add(title)
+        out.append((title, sorted(index.items_for(title)), float(scores[item])))
+        if len(out) == top_k:
+            break
+    return out
+
+
+def predict(score_fn: ScoreFn, examples: list[Example], index: TitleIndex, top_k: int,
+            batch_size: int) -> list[tuple[Prediction, list[list[int]]]]:
+    """A Prediction (and each title's items) per example, in the examples' order."""
+    out = []
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i : i + batch_size]
+        scores = score_fn([ex.history for ex in batch])
+        for ex, row in zip(batch, scores):
+            top = ranked_titles(row, index, top_k)
+            pred = Prediction(user=ex.user, target=ex.target, titles=[t for t, _, _ in top],
+                              scores=[s for _, _, s in top])
+            out.append((pred, [items for _, items, _ in top]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the baselines
+
+
+def fit_popularity(users: list[UserSequence], n_items: int, cfg: BaselineConfig) -> tuple[ScoreFn, dict]:
+    model = Popularity(n_items).fit(counted_interactions(users, cfg.max_history))
+    info = {"params": {"max_history": cfg.max_history},
+            "counted": "each train-split interaction that some train example shows as target or history "
+                       "(history capped at max_history), once per interaction",
+            "train_interactions": model.interactions}
+    return model.scores, info
+
+
+def fit_sasrec_baseline(users: list[UserSequence], n_items: int, cfg: BaselineConfig) -> tuple[ScoreFn, dict]:
+    scfg = cfg.sasrec_config()
+    model, report = fit_sasrec(users, n_items, scfg)
+    info = {"params": asdict(scfg), "parameters": report.parameters, "train_targets": report.targets,
+            "train_windows": report.windows, "epoch_losses": [round(x, 5) for x in report.epoch_losses],
+            "torch_threads": torch.get_num_threads()}
+    return (lambda histories: sasrec_scores(model, histories)), info
+
+
+FITTERS = {"popularity": fit_popularity, "sasrec": fit_sasrec_baseline}
+
+
+def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
+    """Train CFG.baseline on the train split, evaluate it on CFG.split, write OUTPUT; the metrics.json dict."""
+    cfg.check()
+    manifest = load_manifest(cfg.data)
+    titles = catalog_titles(manifest)
+    index = TitleIndex(titles)
+    users = train_users(manifest)
+    t0 = time.perf_counter()
+    score_fn, info = FITTERS[cfg.baseline](users, len(titles), cfg)
+    train_seconds = time.perf_counter() - t0
+    examples = eval_examples(manifest, cfg.split, cfg.max_examples, cfg.max_history)
+    if not examples:
+        raise DataSetError(f"{cfg.data}: the {cfg.split} split has no examples")
+    t1 = time.perf_counter()
+    preds = predict(score_fn, examples, index, cfg.top_k, cfg.eval_batch_size)
+    eval_seconds = time.perf_counter() - t1
+    metrics = finalize(score_sums([p for p, _ in preds], index, scoring=cfg.scoring))
+    result = {
+        "metrics": metrics, "split": cfg.split, "examples": len(preds), "scoring": cfg.scoring,
+        "data": cfg.data, "top_k": cfg.top_k, "max_history": cfg.max_history,
+        "baseline": {"name": cfg.baseline, "train_seconds": round(train_seconds, 3), **info},
+        "examples_per_s": round(len(preds) / max(eval_seconds, 1e-9), 2),
+    }
+    write_outputs(cfg.output, result, preds, titles)
+    print(format_table(metrics))
+    print(f"{cfg.baseline}: trained in {train_seconds:.1f}s; {len(preds)} {cfg.split} examples; wrote {cfg.output}")
+    return result
+
+
+def write_outputs(output: str, result: dict[str, Any], preds: list[tuple[Prediction, list[list[int]]]],
+                  titles: list[str]) -> None:
+    """predictions.jsonl in the LLM evaluation's line format, then metrics.json."""
+    lines = []
+    for p, leaves in preds:
+        lines.append(json.dumps({"user": p.user, "target": p.target, "target_title": titles[p.target],
+                                 "top": [{"items": items, "title": t, "score": s}
+                                         for items, t, s in zip(leaves, p.titles, p.scores or [])]}))
+    storage.write_bytes_atomic(storage.join(output, "predictions.jsonl"), ("\n".join(lines) + "\n").encode())
+    storage.write_bytes_atomic(storage.join(output, "metrics.json"), (json.dumps(result, indent=2) + "\n").encode())

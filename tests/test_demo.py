@@ -1,0 +1,108 @@
+"""`make demo`'s job end to end at smoke size: MovieLens-100K from the recbole wheel, a tiny HF
+model folder in place of SmolLM2 (same code path: `--model FOLDER`), PPT -> PFT-S on 2 DeepSpeed
+CPU ranks, evaluation of the base and the fine-tuned model on the same users, the baselines, the
+report; then a rerun that skips what is finished."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from patchrec_dist.monitor.tensorboard import read_scalars
+from tests.distlaunch import REPO
+
+pytestmark = pytest.mark.multiproc
+
+
+def run_demo(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "patchrec_dist.demo", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory) -> str:
+    from patchrec_dist.model.tiny import save_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-model") / "model"
+    titles = [f"Movie number {i} ({1950 + i % 50})" for i in range(400)]
+    return save_tiny_model(str(folder), titles, vocab_size=512)
+
+
+def test_demo_runs_the_whole_pipeline_and_resumes(tiny_model_folder, tmp_path):
+    out = tmp_path / "demo"
+    args = ["--output", str(out), "--model", tiny_model_folder, "--pretrain-steps", "3", "--finetune-steps", "4",
+            "--eval-examples", "16", "--baselines", "popularity,sasrec", "--sasrec-epochs", "1"]
+    proc = run_demo(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["metrics"]) == ["untrained LLM (pft-s)", "PatchRec: PPT + PFT-S", "popularity", "sasrec"]
+    assert report["examples"] == 16
+    for name, m in report["metrics"].items():
+        assert 0.0 <= m["HR@1"] <= m["HR@5"] <= m["HR@10"] <= m["HR@20"] <= 1.0, (name, m)
+    pos = report["positions"]
+    assert pos["layout"]["stage"] == "pft-s" and pos["layout"]["group_size"] == 5
+    assert 0 < pos["history_positions_fed_per_example"] < pos["history_positions_all_text_per_example"]
+    # the printed report: the table rows, the positions line, the tensorboard command
+    for text in ("PatchRec: PPT + PFT-S", "popularity", "history positions fed per example",
+                 f"tensorboard --logdir {out / 'runs'}"):
+        assert text in proc.stdout, text
+
+    # fine-tuning started from pre-training; both wrote their curves; same users everywhere
+    ft_config = json.loads((out / "runs" / "finetune" / "config.json").read_text())
+    assert ft_config["init"] == str(out / "runs" / "pretrain") and ft_config["stage"] == "pft-s"
+    assert len(read_scalars(str(out / "runs" / "pretrain" / "tb"))["train/loss"]) == 3
+    assert len(read_scalars(str(out / "runs" / "finetune" / "tb"))["train/loss"]) == 4
+    users = [[json.loads(line)["user"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
+             for folder in (out / "runs" / "eval-untrained", out / "runs" / "finetune" / "eval-test",
+                            out / "runs" / "baseline-popularity")]
+    assert len(users[0]) == 16 and users[0] == users[1] == users[2]
+
+    # a second run skips what is finished and reports the same numbers
+    t0 = time.perf_counter()
+    again = run_demo(*args, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "pretrain: finished earlier" in again.stdout and "finetune: finished earlier" in again.stdout
+    assert json.loads((out / "report.json").read_text())["metrics"] == report["metrics"]
+    assert time.perf_counter() - t0 < 60
+
+
+def test_demo_refuses_bad_flags_naming_them(tmp_path):
+    proc = run_demo("--output", str(tmp_path / "x"), "--beams", "5", timeout=60)
+    assert proc.returncode == 2 and "--beams" in proc.stderr
+    proc = run_demo("--output", str(tmp_path / "x"), "--baselines", "popularity,bpr", timeout=60)
+    assert proc.returncode == 2 and "--baselines" in proc.stderr and "bpr" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_interrupted_demo_saves_and_the_next_run_resumes(tiny_model_folder, tmp_path):
+    """Ctrl-C (SIGINT) during fine-tuning: the ranks save; `make demo` again continues from there."""
+    out = tmp_path / "demo"
+    args = [sys.executable, "-m", "patchrec_dist.demo", "--output", str(out), "--model", tiny_model_folder,
+            "--pretrain-steps", "0", "--finetune-steps", "60", "--eval-examples", "8", "--baselines", "",
+            "--eval-untrained", "false"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip().startswith("step 5/60"):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "stop requested" in rest and "run it again to continue" in rest
+    assert (out / "runs" / "finetune" / "checkpoints" / "latest").exists()
+    assert not (out / "runs" / "finetune" / "DONE.json").exists()
+
+    again = run_demo(*args[3:], timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed at step" in again.stdout
+    assert json.loads((out / "runs" / "finetune" / "DONE.json").read_text())["step"] == 60
