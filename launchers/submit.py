@@ -7,7 +7,11 @@
     python launchers/submit.py ... --dry-run        # show what would be submitted
 
 Stages that already finished are skipped. On SLURM each stage depends on the previous one
-(afterok); preemption saves a checkpoint before submitit requeues (patchrec_dist/pipeline.py).
+(afterok) and is submitted with --requeue. Before the time limit SLURM sends submitit's signal
+(USR2, `signal_delay_s` = 90 s ahead; raise it above your checkpoint's save time with
+`--slurm signal_delay_s=300`); on a preemption SLURM sends SIGTERM. Either way the ranks save a
+checkpoint and exit, and only then does submitit requeue the job, which resumes from that
+checkpoint (patchrec_dist/pipeline.py, docs/cluster.md).
 """
 
 import argparse
@@ -23,8 +27,8 @@ def parse_slurm(text: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"submit: error: --slurm {item!r}: expected key=value")
-        out[key if key in ("timeout_min", "nodes", "tasks_per_node", "cpus_per_task", "gpus_per_node", "name")
-            else f"slurm_{key}"] = int(value) if value.isdigit() else value
+        generic = key in ("timeout_min", "nodes", "tasks_per_node", "cpus_per_task", "gpus_per_node", "name", "mem_gb")
+        out[key if generic else f"slurm_{key}"] = int(value) if value.isdigit() else value
     return out
 
 

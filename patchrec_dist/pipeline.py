@@ -15,7 +15,9 @@ Stopping, checked on the local SLURM cluster (tests/test_submit.py):
   the step goes on.
 - The ranks save at the next step boundary and exit 75 on USR1 or TERM (train/signals.py). They
   start with USR1 and USR2 ignored: USR2 is not theirs (its default action would kill them), and a
-  USR1 before the trainer installed its handler must not kill them either.
+  USR1 before the trainer installed its handler must not kill them either. Evaluation cannot stop
+  at a checkpoint (`resumable=False`): a stop request terminates its ranks and the requeued job
+  evaluates again from the start.
 - submitit's USR2 handler runs here (submitit's rank 0) and calls `checkpoint()`, which sends USR1
   to the ranks (again every few seconds) and returns once every rank exited, so submitit dumps the
   stage and runs `scontrol requeue` (which ends the job at once) only after the ranks saved. The
@@ -24,7 +26,7 @@ Stopping, checked on the local SLURM cluster (tests/test_submit.py):
 - Ranks that stop at a checkpoint without submitit's signal (a preemption that sends only TERM,
   `scancel --signal=USR1 JOBID`, `kill -USR1` by hand) are requeued the same way: the stage calls
   submitit's own handler, as if its signal had come. Outside a submitit job the stage resumes in
-  place. USR1 and TERM sent to this process are forwarded to the ranks as USR1.
+  place. USR1 and TERM sent to this process are forwarded to the ranks (USR1; TERM for evaluation).
 
 Why not DeepSpeed's launcher processes here: the runner (`deepspeed`) has no SIGTERM handler and
 dies of it, and the per-node launcher (`deepspeed.launcher.launch`) answers SIGTERM with SIGTERM
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil  # imported here, never inside a signal handler: handlers nest (TERM, then USR2)
 import submitit
 
 from patchrec_dist.train.signals import RESUME_EXIT_CODE
@@ -92,8 +95,6 @@ def _alive(proc: subprocess.Popen) -> bool:
     while the interrupted main thread holds the Popen's wait lock."""
     if proc.returncode is not None:
         return False
-    import psutil
-
     try:
         return psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -127,7 +128,16 @@ class Stage(submitit.helpers.Checkpointable):
     nproc: int = 1
     cpu: bool = False
     stop_timeout_s: float = 300.0
+    #: False for launchers that cannot stop at a checkpoint (evaluate.py): a stop request
+    #: terminates their ranks (SIGTERM) and the requeued job runs them again from the start.
+    resumable: bool = True
     _procs: list[Any] = field(default_factory=list, repr=False, compare=False)
+    _stop_requested: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def stop_signal(self) -> int:
+        """What asks this stage's ranks to stop: USR1 (save, exit 75), or TERM for a non-resumable one."""
+        return signal.SIGUSR1 if self.resumable else signal.SIGTERM
 
     def command(self, port: int = 29500) -> list[str]:
         """The equivalent user command: `deepspeed --num_gpus N LAUNCHER FLAGS` (python for nproc 0)."""
@@ -184,21 +194,24 @@ class Stage(submitit.helpers.Checkpointable):
         return {"stage": self.name, "exit": code}
 
     def _run_ranks(self) -> int:
-        """Start the ranks, wait for all of them; 0, 75 (all stopped at a checkpoint) or a failure."""
+        """Start the ranks, wait for all of them; 0, 75 (all stopped at a checkpoint, or a
+        non-resumable stage stopped on request) or the first failure's exit code."""
         ignored = tuple(dict.fromkeys((signal.SIGUSR1, signal.SIGUSR2, _preempt_signal())))
-        self._procs = []
+        self._procs, self._stop_requested = [], False
         for argv, env in self.rank_commands(_free_port()):
             pgid = self._procs[0].pid if self._procs else 0
             self._procs.append(subprocess.Popen(argv, cwd=REPO, env=env,
                                                 preexec_fn=lambda pgid=pgid: _rank_preexec(pgid, ignored)))
         _log(f"{self.name}: {len(self._procs)} rank(s) started: {' '.join(self.command())}")
         failed_at: float | None = None
+        first_failure: int | None = None
         while True:
             codes = [p.poll() for p in self._procs]  # main thread, never a blocking wait (see _alive)
             if all(c is not None for c in codes):
                 break
             if failed_at is None and any(c not in (None, 0, RESUME_EXIT_CODE) for c in codes):
                 failed_at = time.monotonic()
+                first_failure = next(c for c in codes if c not in (None, 0, RESUME_EXIT_CODE))
                 _log(f"{self.name}: a rank failed (exit codes {codes}): stopping the others")
                 self._signal_ranks(signal.SIGTERM)
             elif failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
@@ -206,8 +219,10 @@ class Stage(submitit.helpers.Checkpointable):
             time.sleep(0.2)
         _log(f"{self.name}: ranks exited with {codes}")
         bad = [c for c in codes if c not in (0, RESUME_EXIT_CODE)]
+        if bad and not self.resumable and (self._stop_requested or set(bad) == {-signal.SIGTERM}):
+            return RESUME_EXIT_CODE  # stopped on request (or by SLURM's TERM): run it again
         if bad:
-            return bad[0]
+            return first_failure if first_failure is not None else bad[0]
         return RESUME_EXIT_CODE if RESUME_EXIT_CODE in codes else 0
 
     def _signal_ranks(self, sig: int) -> None:
@@ -227,15 +242,17 @@ class Stage(submitit.helpers.Checkpointable):
                 pass
 
     def _forward_stop_signals(self):
-        """USR1/TERM to this process -> USR1 to the ranks (then the previous handler, e.g.
+        """USR1/TERM to this process -> stop_signal to the ranks (then the previous handler, e.g.
         submitit's TERM logger). Returns the function that restores the previous handlers."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous: dict[int, Any] = {}
 
         def forward(signum, frame) -> None:
-            _log(f"{self.name}: got {signal.Signals(signum).name}: asking the ranks to save and stop (USR1)")
-            self._signal_ranks(signal.SIGUSR1)
+            _log(f"{self.name}: got {signal.Signals(signum).name}: asking the ranks to stop "
+                 f"({signal.Signals(self.stop_signal).name})")
+            self._stop_requested = True
+            self._signal_ranks(self.stop_signal)
             old = previous.get(signum)
             if callable(old):
                 old(signum, frame)
@@ -257,8 +274,8 @@ class Stage(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self)
 
     def stop_ranks(self) -> bool:
-        """USR1 to the ranks (again every RESEND_S) until every rank exited, within stop_timeout_s
-        and the job's time left. True if they all exited."""
+        """stop_signal to the ranks (again every RESEND_S) until every rank exited, within
+        stop_timeout_s and the job's time left. True if they all exited."""
         if not any(_alive(p) for p in self._procs):
             _log(f"{self.name}: stop requested: every rank had exited already")
             return True
@@ -266,12 +283,14 @@ class Stage(submitit.helpers.Checkpointable):
         left = slurm_time_left_s()
         if left is not None:
             budget = max(1.0, min(budget, left - REQUEUE_MARGIN_S))
-        _log(f"{self.name}: stop requested: asking the ranks to save and stop (USR1), waiting up to {budget:.0f}s")
+        _log(f"{self.name}: stop requested: asking the ranks to stop ({signal.Signals(self.stop_signal).name}), "
+             f"waiting up to {budget:.0f}s")
+        self._stop_requested = True
         t0 = time.monotonic()
         sent = float("-inf")
         while any(_alive(p) for p in self._procs) and time.monotonic() - t0 < budget:
             if time.monotonic() - sent >= RESEND_S:
-                self._signal_ranks(signal.SIGUSR1)
+                self._signal_ranks(self.stop_signal)
                 sent = time.monotonic()
             time.sleep(0.2)
         if any(_alive(p) for p in self._procs):
@@ -301,7 +320,7 @@ class Stage(submitit.helpers.Checkpointable):
 
     def __getstate__(self) -> dict[str, Any]:  # submitit pickles the stage to requeue it
         state = dict(self.__dict__)
-        state["_procs"] = []
+        state["_procs"], state["_stop_requested"] = [], False
         return state
 
 
@@ -315,7 +334,8 @@ def pipeline_stages(data: str, runs: str, nproc: int, cpu: bool, pretrain_flags:
               nproc, cpu),
         Stage("finetune", "launchers/finetune.py", ["--data", data, "--output", ft, "--init", pre, *finetune_flags],
               nproc, cpu),
-        Stage("evaluate", "launchers/evaluate.py", ["--data", data, "--run", ft, *eval_flags], nproc, cpu),
+        Stage("evaluate", "launchers/evaluate.py", ["--data", data, "--run", ft, *eval_flags], nproc, cpu,
+              resumable=False),
     ]
     done = {"pretrain": os.path.join(pre, "DONE.json"), "finetune": os.path.join(ft, "DONE.json"),
             "evaluate": os.path.join(ft, "eval-test", "metrics.json")}

@@ -29,6 +29,11 @@
 # wrapper also forwards USR1/TERM to the rank processes (children of the launcher) itself, so the
 # stop arrives even where srun signals only the task. A TERM to the batch shell is forwarded as
 # USR1 (same meaning for the trainer): srun turns a TERM it receives into SIGKILL for the step.
+# A TERM to the job's steps (`scancel --signal=TERM JOBID`, what a preemption sends) reaches the
+# ranks directly; DeepSpeed's launcher runs with its own TERM handler left out (_PATCHREC_LAUNCH_PY
+# below), so the ranks save, exit 75 and the job requeues (tested). A TERM to srun as well
+# (`scancel --signal=TERM --full JOBID`) cannot end in a save: srun kills the step at once
+# ("training exited with 137").
 #
 # Exit codes: 75 from the step -> `scontrol requeue $SLURM_JOB_ID`, exit 0 (the requeued job
 # resumes from the newest checkpoint: --resume auto is the trainer's default). Anything else is
@@ -149,6 +154,19 @@ _patchrec_to_ranks() {  # send signal $1 to the rank processes (children of the 
     return 0
 }
 
+# `python -m deepspeed.launcher.launch ARGS` with its SIGTERM handler left out. DeepSpeed's launcher
+# answers SIGTERM with SIGTERM to the ranks, SIGKILL 30 s later and exit 1, so a TERM to the job's
+# steps (`scancel --signal=TERM JOBID`, a preemption) made the ranks save and the job fail anyway
+# ("Main process received SIGTERM, exiting", "training exited with 1"). Here TERM does nothing to
+# the launcher: the ranks get it themselves (SLURM signals every process of the step; the wrapper
+# below forwards it too), save, exit 75, and the launcher exits 75. Its handler is a Python one,
+# so the ranks it starts (exec) get the default TERM disposition, as before.
+_PATCHREC_LAUNCH_PY='import runpy, signal, sys
+signal.signal(signal.SIGTERM, lambda *_: None)
+_set = signal.signal
+signal.signal = lambda sig, handler: signal.getsignal(sig) if sig == signal.SIGTERM else _set(sig, handler)
+runpy.run_module("deepspeed.launcher.launch", run_name="__main__", alter_sys=True)'
+
 # patchrec_node_main SCRIPT ARGS...: start NPROC_PER_NODE ranks of SCRIPT on this node.
 patchrec_node_main() {
     local script=$1; shift
@@ -169,9 +187,10 @@ patchrec_node_main() {
     world_info=$(printf '%s' "$json" | base64 -w0 | tr '+/' '-_')
     patchrec_log "node $node_rank/$nnodes on $(hostname): $nproc ranks, master $MASTER_ADDR:$MASTER_PORT"
     # USR1 ignored for the launcher (no handler of its own: it would die); ranks install theirs.
+    # TERM does nothing to it either (_PATCHREC_LAUNCH_PY): the ranks save and exit 75 on it.
     (
         trap '' USR1
-        exec "$PYTHON" -u -m deepspeed.launcher.launch --world_info="$world_info" --node_rank="$node_rank" \
+        exec "$PYTHON" -u -c "$_PATCHREC_LAUNCH_PY" --world_info="$world_info" --node_rank="$node_rank" \
             --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$script" "$@"
     ) &
     _PATCHREC_LAUNCH_PID=$!

@@ -228,3 +228,41 @@ def test_pipeline_chains_the_three_stages_and_skips_finished_ones(learnable_data
     again = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh")], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "job " not in again.stdout and again.stdout.count("finished already") == 3
+
+
+def test_term_to_the_steps_saves_requeues_and_resumes(learnable_dataset, jobs, tmp_path):
+    """`scancel --signal=TERM JOBID` (TERM to every process of the job's steps, what a preemption and
+    submitit's `_interrupt` send): the ranks save and exit 75, DeepSpeed's launcher, whose own TERM handler is
+    left out, passes the 75 on, and the job requeues itself and resumes from that checkpoint."""
+    logs, out, steps = tmp_path / "logs", tmp_path / "pt", 30
+    logs.mkdir()
+    sub = subprocess.run(sbatch_cmd("pretrain.sh", logs), cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env=job_env(learnable_dataset, out, train_flags(max_steps=steps, save_every=0)))
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    jobs.append(job)
+
+    def training() -> bool:
+        if job_info(job).get("JobState") in TERMINAL:
+            raise AssertionError(f"job {job} ended before the signal:\n{job_log(logs, job)[-4000:]}")
+        return re.search(r"^step 3/", job_log(logs, job), re.M) is not None
+
+    bounded_wait(training, 180, "three training steps")
+    assert subprocess.run(["scancel", "--signal=TERM", job], capture_output=True, timeout=30).returncode == 0
+    ended: list[float] = []
+
+    def finished() -> bool:  # ended after its requeue (or ended for 5 s without one: then fail below)
+        info = job_info(job)
+        if info.get("JobState") not in TERMINAL:
+            ended.clear()
+            return False
+        ended.append(time.monotonic())
+        return info.get("Restarts", "0") != "0" or ended[-1] - ended[0] > 5
+
+    bounded_wait(finished, 180, "the requeued job to end", interval=0.5)
+    info, log = job_info(job), job_log(logs, job)
+    assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", (info, log[-4000:])
+    saved = re.search(r"stop requested \(signal \[15[\d, ]*\]\): saving at step (\d+)", log)
+    assert saved and "launcher exited with 75" in log and f"scontrol requeue {job}" in log, log[-4000:]
+    assert re.search(r"resumed at step (\d+)", log).group(1) == saved.group(1), log[-4000:]
+    assert json.loads((out / "DONE.json").read_text()) == {"step": steps, "total_steps": steps}
