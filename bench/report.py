@@ -103,7 +103,8 @@ def demo_table(r: dict[str, dict]) -> list[str]:
     c = d["config"]
     out = ["", f"**`make demo`** (MovieLens-100K, {c['model']}, PPT {c['pretrain_steps']} steps then PFT-S "
            f"{c['finetune_steps']} steps, {c['ranks']} ranks; first {d['examples']} test examples): "
-           f"{d['total_s'] / 60:.1f} min on {_machine(d.get('machine', {}))}. History positions fed: "
+           f"{d['total_s'] / 60:.1f} min on {_machine(d.get('machine', {}))} (`{d.get('command', 'make demo')}`, "
+           "set-up, wheel downloads and the one-time GGUF conversion not included). History positions fed: "
            f"{d['positions']['history_positions_fed_per_example']:.0f} per example against "
            f"{d['positions']['history_positions_all_text_per_example']:.0f} as all text.", "",
            "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]

@@ -106,3 +106,20 @@ def test_interrupted_demo_saves_and_the_next_run_resumes(tiny_model_folder, tmp_
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resumed at step" in again.stdout
     assert json.loads((out / "runs" / "finetune" / "DONE.json").read_text())["step"] == 60
+
+
+def test_quality_bench_writes_json_and_plot(tiny_model_folder, tmp_path):
+    results = tmp_path / "results"
+    cmd = [sys.executable, "bench/quality.py", "--model", tiny_model_folder, "--layouts", "text(20),pft-s(5)",
+           "--baselines", "popularity", "--steps", "2", "--eval-examples", "8", "--work", str(tmp_path / "work"),
+           "--results", str(results)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    q = json.loads((results / "quality-ml-100k.json").read_text())
+    assert list(q["rows"]) == ["text(20)", "pft-s(5)", "popularity"] and q["examples"] == 8
+    text, pfts = q["rows"]["text(20)"], q["rows"]["pft-s(5)"]
+    assert 0 < pfts["positions_fed_per_example"] < text["positions_fed_per_example"]
+    assert q["rows"]["popularity"]["positions_fed_per_example"] is None
+    assert (results / "quality-ml-100k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([*cmd[:2], "--layouts", "text(7)"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--layouts" in bad.stderr

@@ -21,10 +21,15 @@ from patchrec_dist.data import storage
 from patchrec_dist.data.catalog import catalog_titles
 from patchrec_dist.data.manifest import load_manifest
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
+from patchrec_dist.model.load import resize_for_tokenizer
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import LayoutSpec
-from patchrec_dist.model.load import resize_for_tokenizer
-from patchrec_dist.patching.prompt import add_patchrec_tokens, build_prompt_tokens, ensure_chat_template, resolve_template
+from patchrec_dist.patching.prompt import (
+    add_patchrec_tokens,
+    build_prompt_tokens,
+    ensure_chat_template,
+    resolve_template,
+)
 from patchrec_dist.train.config import STAGES, _f
 
 
