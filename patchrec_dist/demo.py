@@ -90,7 +90,8 @@ class Demo:
 
     def __init__(self, cfg: DemoConfig, console: Console | None = None):
         self.cfg = cfg
-        self.console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+        # soft_wrap: paths and commands stay on one line, to copy and paste
+        self.console = console or Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
         self.out = Path(cfg.output)
         self.runs = self.out / "runs"
         self.logs = self.out / "logs"
