@@ -119,6 +119,7 @@ def plot(result: dict, path: Path) -> None:
             ax.annotate(name, (row["positions_fed_per_example"], hr), xytext=(4, 4), textcoords="offset points",
                         fontsize=8)
     ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("history positions fed per example (log)")
     ax.set_ylabel("HR@20")
     ax.set_title(f"{result['data']}: {result['model']}, {result['steps']} steps, {result['examples']} test users",
