@@ -149,7 +149,8 @@ def _parse_bool(text: str) -> bool:
 
 def build_parser(cls: type = TrainConfig, defaults: dict[str, Any] | None = None,
                  description: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML or JSON file with any of the flags below (flags win)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     hints = typing.get_type_hints(cls)
