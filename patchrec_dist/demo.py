@@ -202,7 +202,6 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     demo.reset_runs_if_config_changed()
 
     g = ["--stage", "pft-s", "--group-size", str(cfg.group_size)]
-    init = []
     if cfg.pretrain_steps:
         pretrain = demo.train("pretrain", "launchers/pretrain.py",
                               ["--data", data, "--model", model, "--max-steps", str(cfg.pretrain_steps),

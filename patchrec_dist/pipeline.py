@@ -66,7 +66,7 @@ RESEND_S = 5.0
 REQUEUE_MARGIN_S = 15.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -198,7 +198,7 @@ class Stage(submitit.helpers.Checkpointable):
         non-resumable stage stopped on request) or the first failure's exit code."""
         ignored = tuple(dict.fromkeys((signal.SIGUSR1, signal.SIGUSR2, _preempt_signal())))
         self._procs, self._stop_requested = [], False
-        for argv, env in self.rank_commands(_free_port()):
+        for argv, env in self.rank_commands(free_port()):
             pgid = self._procs[0].pid if self._procs else 0
             self._procs.append(subprocess.Popen(argv, cwd=REPO, env=env,
                                                 preexec_fn=lambda pgid=pgid: _rank_preexec(pgid, ignored)))

@@ -13,7 +13,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from patchrec_dist.pipeline import REPO, Stage
+from patchrec_dist.pipeline import REPO, Stage, free_port
 from patchrec_dist.train.signals import RESUME_EXIT_CODE
 
 # Lines worth showing: the trainer's and evaluator's own progress and tables.
@@ -32,12 +31,6 @@ PROGRESS = re.compile(r"^(step \d+|training |stop requested|evaluating .*100%|\s
 
 class LauncherFailed(RuntimeError):
     """A launcher exited non-zero; the message names the command, the exit code and the log."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_threads_per_rank(nproc: int) -> int:
@@ -63,7 +56,7 @@ def run_launcher(launcher: str, flags: list[str], nproc: int, log_path: str | Pa
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     while True:
-        cmd = stage.command(_free_port())
+        cmd = stage.command(free_port())
         code, tail = _run_logged(cmd, env, log_path, echo, timeout_s, stop_grace_s)
         if code != RESUME_EXIT_CODE:
             break

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -34,6 +33,7 @@ from patchrec_dist.train.checkpoint import (
     tag_for_step,
 )
 from patchrec_dist.train.signals import RESUME_EXIT_CODE, StopFlag
+from tests.distlaunch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "tests/dist_scripts/checkpoint_zero3.py"
@@ -283,15 +283,9 @@ _AGREE = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_stop_flag_all_reduce_two_ranks_gloo():
     """One rank gets SIGUSR1; both agree at the same step boundary (gloo all-reduce MAX)."""
-    port = str(_free_port())
+    port = str(free_port())
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [
         subprocess.Popen([sys.executable, "-c", _AGREE, str(r), port], cwd=ROOT, env=env, text=True,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from patchrec_dist.model.tiny import tiny_llama_config
-from patchrec_dist.patching.collate import IGNORE_INDEX
-from patchrec_dist.train.trainer import predicted_positions, token_loss_sum
+from patchrec_dist.patching.collate import IGNORE_INDEX, predicted_positions
+from patchrec_dist.train.trainer import token_loss_sum
 
 
 def test_loss_over_kept_positions_equals_the_full_logits_loss():

@@ -21,15 +21,10 @@ from patchrec_dist.data import storage
 from patchrec_dist.data.catalog import catalog_titles
 from patchrec_dist.data.manifest import load_manifest
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
-from patchrec_dist.model.load import resize_for_tokenizer
+from patchrec_dist.model.load import resize_for_tokenizer, resolve_model_source, with_patchrec_vocabulary
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import LayoutSpec
-from patchrec_dist.patching.prompt import (
-    add_patchrec_tokens,
-    build_prompt_tokens,
-    ensure_chat_template,
-    resolve_template,
-)
+from patchrec_dist.patching.prompt import build_prompt_tokens, resolve_template
 from patchrec_dist.train.config import STAGES, _f
 
 
@@ -37,7 +32,7 @@ from patchrec_dist.train.config import STAGES, _f
 class EvalConfig:
     data: str = _f("", "data set folder or URL")
     run: str | None = _f(None, "a training run (its final export, saved layout and TensorBoard)")
-    model: str | None = _f(None, "an HF model folder (or smollm2) instead of --run: a base model, PatchRec tokens added")
+    model: str | None = _f(None, "an HF model folder (or smollm2, or a .gguf) instead of --run: a base model, PatchRec tokens added")
     output: str = _f("", "where metrics.json and predictions.jsonl go (default RUN/eval-SPLIT)")
     split: str = _f("test", "split to evaluate", choices=("train", "val", "test"))
     max_examples: int | None = _f(None, "only the first N examples of the split (a fixed subset)")
@@ -91,15 +86,6 @@ def layout_for(cfg: EvalConfig, run_cfg: dict[str, Any]) -> LayoutSpec:
                       session_gap=run_cfg.get("session_gap"), max_session_items=run_cfg.get("max_session_items"))
 
 
-def base_model_dir(spec: str) -> str:
-    """An HF folder for --model: a folder, or 'smollm2' (converted once from its GGUF, cached)."""
-    if spec == "smollm2":
-        from patchrec_dist.model.smollm2 import smollm2_model_dir
-
-        return str(smollm2_model_dir())
-    return spec
-
-
 def _dist() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         import datetime
@@ -125,18 +111,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     titles = catalog_titles(manifest)
     if cfg.run and not storage.is_local(cfg.run):
         raise ValueError("--run on a remote URL: export it locally first (tools/export_hf.py RUN OUT) and pass --model OUT")
-    model_dir = os.path.join(cfg.run, "final") if cfg.run else base_model_dir(cfg.model)
+    model_dir = os.path.join(cfg.run, "final") if cfg.run else resolve_model_source(cfg.model, cfg.output_dir())
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         hint = f" (export it: python tools/export_hf.py {cfg.run} {cfg.run}/final)" if cfg.run else ""
         raise ValueError(f"{model_dir}: not a model folder{hint}")
     run_cfg = _run_config(cfg.run) if cfg.run else {}
     template = resolve_template(manifest.prompt, cfg.prompt_file or run_cfg.get("prompt_file"),
                                 cfg.domain or run_cfg.get("domain"))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # A base model (not a run's export) meets the PatchRec tokens here for the first time: the
     # same additions and mean-initialised rows as training gives it, so "untrained" is comparable.
-    add_patchrec_tokens(tokenizer)
-    ensure_chat_template(tokenizer)
+    tokenizer = with_patchrec_vocabulary(AutoTokenizer.from_pretrained(model_dir))
     tokens = build_prompt_tokens(tokenizer, template, titles)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     resize_for_tokenizer(model, len(tokenizer), zero3=False)

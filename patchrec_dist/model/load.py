@@ -68,6 +68,12 @@ def load_tokenizer(cfg: Any, titles: list[str], template: PromptTemplate, work_d
         tok = AutoTokenizer.from_pretrained(path)
     else:
         tok = AutoTokenizer.from_pretrained(resolve_model_source(cfg.model, work_dir))
+    return with_patchrec_vocabulary(tok)
+
+
+def with_patchrec_vocabulary(tok: Any) -> Any:
+    """TOK with the PatchRec tokens, a chat template and a pad token (training's and, for a base
+    model, evaluation's tokenizer)."""
     add_patchrec_tokens(tok)
     ensure_chat_template(tok)
     if tok.pad_token is None:

@@ -6,6 +6,7 @@ matter how many patches (or examples) pool it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,22 +25,41 @@ class Batch:
     patches: PatchIndex
     num_examples: int  # rows that are real examples (not remainder padding)
     label_tokens: int  # labelled tokens in the batch: the weight of this micro-batch's loss
-    history_positions: int  # positions fed for histories
-    text_positions: int  # positions the same histories cost as all text
+    answer_positions: torch.Tensor  # (K,) long: predicted_positions(labels), the only logits the loss needs
+    row_positions: list[tuple[int, int]] = field(default_factory=list)  # (history, all-text) positions per row
     pads: list[bool] = field(default_factory=list)  # rows that only fill the last batch (remainder="pad")
     indices: list[int] = field(default_factory=list)  # examples' positions in the epoch order
     examples: list[tuple[str, int]] = field(default_factory=list)  # (user, target position) per row
     targets: list[int] = field(default_factory=list)
-    row_positions: list[tuple[int, int]] = field(default_factory=list)  # (history, all-text) positions per row
+
+    @property
+    def history_positions(self) -> int:
+        """Positions fed for the batch's histories."""
+        return sum(h for h, _ in self.row_positions)
+
+    @property
+    def text_positions(self) -> int:
+        """Positions the same histories cost as all text."""
+        return sum(t for _, t in self.row_positions)
 
     @property
     def compression(self) -> float:
         return self.history_positions / max(1, self.text_positions)
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.patches.to(device), self.num_examples, self.label_tokens, self.history_positions,
-                     self.text_positions, self.pads, self.indices, self.examples, self.targets, self.row_positions)
+        return dataclasses.replace(self, input_ids=self.input_ids.to(device),
+                                   attention_mask=self.attention_mask.to(device), labels=self.labels.to(device),
+                                   patches=self.patches.to(device), answer_positions=self.answer_positions.to(device))
+
+
+def predicted_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose next token is labelled in some row: the only logits the loss needs.
+
+    Answers are a title and an end-of-turn token at the end of a long prompt; projecting every
+    position onto the vocabulary (49k rows for SmolLM2) would spend a fifth of the step's FLOPs
+    and most of its activation memory on logits nobody reads. Computed at collation (in the data
+    workers), so the training step does not wait on it."""
+    return torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).squeeze(1)
 
 
 @dataclass
@@ -93,11 +113,13 @@ def collate_features(feats: list[Features], tokens: PromptTokens, padding_side: 
         patch_offsets=torch.from_numpy(patch_offsets),
         patch_positions=torch.from_numpy(positions.astype(np.int64)),
     )
+    label_tensor = torch.from_numpy(labels)
     return Batch(
-        input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=torch.from_numpy(labels),
+        input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=label_tensor,
         patches=index, num_examples=sum(not f.pad for f in feats),
         label_tokens=int(sum(f.label_end - f.label_start for f in feats)),
-        history_positions=sum(f.history_positions for f in feats), text_positions=sum(f.text_positions for f in feats),
+        answer_positions=predicted_positions(label_tensor),
+        row_positions=[(f.history_positions, f.text_positions) for f in feats],
         pads=[f.pad for f in feats], indices=[f.index for f in feats], examples=[(f.user, f.position) for f in feats],
-        targets=[f.target for f in feats], row_positions=[(f.history_positions, f.text_positions) for f in feats],
+        targets=[f.target for f in feats],
     )

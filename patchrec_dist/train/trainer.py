@@ -151,15 +151,6 @@ class StepStats:
     timings: dict[str, float]  # embed_s, forward_s, backward_s, optimizer_s (summed over micro-steps)
 
 
-def predicted_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Sequence positions whose next token is labelled in some row: the only logits the loss needs.
-
-    Answers are a title and an end-of-turn token at the end of a long prompt; projecting every
-    position onto the vocabulary (49k rows for SmolLM2) would spend a fifth of the step's FLOPs
-    and most of its activation memory on logits nobody reads."""
-    return torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).squeeze(1)
-
-
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over labelled positions. LOGITS cover every
     position, or only POSITIONS (then logits[:, j] predicts labels[:, positions[j] + 1])."""
@@ -175,10 +166,9 @@ def forward_loss_sum(engine: Any, batch: Batch, timings: dict[str, float] | None
     embed = engine.module.get_input_embeddings()
     inputs_embeds = embed_with_patches(embed, batch.input_ids, batch.patches)
     t1 = time.perf_counter()
-    positions = predicted_positions(batch.labels)
     out = engine(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask, use_cache=False,
-                 logits_to_keep=positions)
-    loss = token_loss_sum(out.logits, batch.labels, positions)
+                 logits_to_keep=batch.answer_positions)
+    loss = token_loss_sum(out.logits, batch.labels, batch.answer_positions)
     if timings is not None:
         timings["embed_s"] = timings.get("embed_s", 0.0) + t1 - t0
         timings["forward_s"] = timings.get("forward_s", 0.0) + time.perf_counter() - t1
