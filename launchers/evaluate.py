@@ -3,6 +3,7 @@
 
     python launchers/evaluate.py --run runs/pfts --data data/ml100k --split test
     deepspeed --num_gpus 8 launchers/evaluate.py --run runs/pfts --data s3://bucket/ml1m --max-examples 2000
+    deepspeed --num_gpus 8 launchers/evaluate.py --run s3://bucket/runs/pfts --data s3://bucket/ml1m
 
 The prompt layout comes from the run's saved config unless flags override it. Writes
 OUTPUT/metrics.json and OUTPUT/predictions.jsonl (OUTPUT defaults to RUN/eval-SPLIT) and, for
@@ -13,12 +14,17 @@ import sys
 
 from patchrec_dist.evaluate.run import EvalConfig, evaluate
 from patchrec_dist.train.config import parse_config
-from patchrec_dist.train.signals import exit_process
+from patchrec_dist.train.signals import run_rank
 
-if __name__ == "__main__":
+
+def main() -> int:
     try:
         evaluate(parse_config(cls=EvalConfig, description=__doc__))
     except (ValueError, FileNotFoundError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
-        exit_process(2)
-    exit_process(0)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    run_rank(main)

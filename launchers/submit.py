@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """pretrain -> finetune -> evaluate through submitit, on SLURM or as local processes.
 
-    python launchers/submit.py --cluster slurm --data s3://bucket/ml1m --runs runs/ml1m --nproc 8 \\
-        --slurm partition=gpu,gpus_per_node=8,cpus_per_task=64 --pretrain-args "--max-steps 2000"
+    python launchers/submit.py --cluster slurm --data s3://bucket/ml1m --runs s3://bucket/runs/ml1m --nproc 8 \\
+        --slurm nodes=4,partition=gpu,gpus_per_node=8,cpus_per_task=64 --pretrain-args "--max-steps 2000"
     python launchers/submit.py --cluster local --cpu --nproc 2 --data data/ml100k --runs runs/demo
     python launchers/submit.py ... --dry-run        # show what would be submitted
 
-Stages that already finished are skipped. On SLURM each stage depends on the previous one
-(afterok) and is submitted with --requeue. Before the time limit SLURM sends submitit's signal
+Each stage is one job over `nodes` nodes (one task per node running the per-node launcher,
+patchrec_dist/launch.py). Stages that already finished are skipped. On SLURM each stage depends
+on the previous one (afterok) and is submitted with --requeue. Before the time limit SLURM sends submitit's signal
 (USR2, `signal_delay_s` = 90 s ahead; raise it above your checkpoint's save time with
 `--slurm signal_delay_s=300`); on a preemption SLURM sends SIGTERM. Either way the ranks save a
 checkpoint and exit, and only then does submitit requeue the job, which resumes from that
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--runs", default="runs", help="folder for the three stages")
     p.add_argument("--model", default=None, help="pretrain's --model (finetune starts from pretrain)")
-    p.add_argument("--nproc", type=int, default=1, help="ranks per stage (one node)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per node (--slurm nodes=N for N nodes)")
     p.add_argument("--cpu", action="store_true", help="CPU ranks (DS_ACCELERATOR=cpu)")
     p.add_argument("--pretrain-args", default="", help="extra pretrain flags (one string)")
     p.add_argument("--finetune-args", default="", help="extra finetune flags")

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from patchrec_dist.pipeline import REPO, Stage, free_port
+from patchrec_dist.launch import free_port
+from patchrec_dist.pipeline import REPO, Stage
 from patchrec_dist.train.signals import RESUME_EXIT_CODE
 
 # Lines worth showing: the trainer's and evaluator's own progress and tables.

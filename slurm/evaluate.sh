@@ -15,7 +15,9 @@
 #   SPLIT           default test
 #   EVAL_ARGS       more flags for launchers/evaluate.py (--max-examples, --top-k, --scoring, ...)
 #   NPROC_PER_NODE, PATCHREC_CPU, PYTHON: as in slurm/pretrain.sh
-# Examples are split over the node's ranks; metrics go to RUN/eval-SPLIT/metrics.json.
+# Examples are split over the ranks of every node of the job (`sbatch --nodes=N`); metrics go to
+# RUN/eval-SPLIT/metrics.json (RUN may be an s3:// URL). A stopped evaluation is run again from
+# the start.
 
 set -uo pipefail
 for _dir in "${PATCHREC_REPO:-}" "$(dirname "$0")/.." \
@@ -36,10 +38,5 @@ if [[ -n ${EVAL_ARGS:-} ]]; then
     args+=("${extra[@]}")
 fi
 args+=("$@")
-patchrec_log "evaluate: ${args[*]} on $NPROC_PER_NODE rank(s)"
-if [[ -n ${SLURM_JOB_ID:-} ]]; then
-    srun --nodes=1 --ntasks=1 bash "$PATCHREC_REPO/slurm/common.sh" node "$PATCHREC_REPO/launchers/evaluate.py" "${args[@]}"
-else
-    patchrec_node_main "$PATCHREC_REPO/launchers/evaluate.py" "${args[@]}"
-fi
+patchrec_run_step --not-resumable launchers/evaluate.py "${args[@]}"
 exit $?

@@ -14,7 +14,8 @@
 # Every #SBATCH line above is a default: sbatch flags win (`sbatch --nodes=4 --gpus-per-node=8
 # --cpus-per-task=64 --time=48:00:00 slurm/finetune.sh`). The log goes to logs/ under the submit
 # directory: create it first (`mkdir -p logs`) or pass --output. One task per node: srun starts
-# DeepSpeed's launcher on every node, which starts NPROC_PER_NODE ranks (slurm/common.sh).
+# the per-node launcher (python -m patchrec_dist.launch) on every node, which starts
+# NPROC_PER_NODE ranks (slurm/common.sh).
 #
 # Environment (sbatch exports the submitting shell's environment):
 #   DATA            data set URL (required): local path or s3://...
@@ -29,10 +30,12 @@
 #   PYTHON          interpreter (default .venv/bin/python of the repository, else python3)
 #   PATCHREC_MASTER_PORT  rendezvous port (default 20000 + job id % 20000; master: the first node)
 #   PATCHREC_MAX_REQUEUES  stop requeueing after this many restarts (default 100)
+#   PATCHREC_FAILURE_REQUEUES  requeue a multi-node job whose rank failed (a lost node) up to this
+#                   many restarts (default 0: the job fails at once, naming the lost node)
 #
 # SIGUSR1 (120 s before the time limit, or `scancel --signal=USR1 --batch JOBID`) makes every
 # rank save at the next step boundary and exit 75; the job then requeues itself
-# (`scontrol requeue`) and the requeued run continues from that checkpoint.
+# (`scontrol requeue` by node 0's launcher) and the requeued run continues from that checkpoint.
 
 set -uo pipefail
 for _dir in "${PATCHREC_REPO:-}" "$(dirname "$0")/.." \

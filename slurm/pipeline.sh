@@ -9,9 +9,11 @@
 #   PRETRAIN_ARGS, FINETUNE_ARGS, EVAL_ARGS   extra flags for each stage's launcher
 #   SBATCH_ARGS     extra sbatch flags for every job (--partition, --gpus-per-node, --time, ...)
 #   everything slurm/pretrain.sh reads (MODEL, PATCHREC_CPU, NPROC_PER_NODE, DS_CONFIG, ...)
-# A stage whose run already finished (RUNS/<stage>/DONE.json, or metrics.json for evaluation) is
-# not submitted again, so the same command continues a pipeline after a failure. Requeued
-# (preempted) jobs resume from their checkpoints by themselves.
+# RUNS and DATA may be s3:// URLs. A stage whose run already finished (RUNS/<stage>/DONE.json, or
+# metrics.json for evaluation; `python -m patchrec_dist.pipeline finished RUNS`, the same test
+# launchers/submit.py makes) is not submitted again, so the same command continues a pipeline
+# after a failure. Requeued (preempted) jobs resume from their checkpoints by themselves.
+#   SBATCH_ARGS="--nodes=2 --gpus-per-node=8"   every stage on 2 nodes
 
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,7 +21,13 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUNS=${RUNS:-runs}
 PRE=$RUNS/pretrain
 FT=$RUNS/finetune
-mkdir -p logs "$RUNS"
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+[[ -x $PYTHON ]] || PYTHON=python3
+mkdir -p logs
+[[ $RUNS == *://* ]] || mkdir -p "$RUNS"
+finished=$(PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" -m patchrec_dist.pipeline finished "$RUNS") ||
+    { echo "pipeline: cannot read $RUNS" >&2; exit 2; }
+is_finished() { grep -qx "$1" <<<"$finished"; }
 read -r -a sbatch_extra <<<"${SBATCH_ARGS:-}"
 dep=()
 
@@ -30,21 +38,21 @@ submit() {  # submit NAME SCRIPT VAR=VALUE... : print the job id
         cut -d';' -f1
 }
 
-if [[ -f $PRE/DONE.json ]]; then
+if is_finished pretrain; then
     echo "pretrain: finished already ($PRE)"
 else
     pre=$(submit pretrain pretrain.sh OUTPUT="$PRE" INIT= EXTRA_ARGS="${PRETRAIN_ARGS:-}")
     echo "pretrain: job $pre -> $PRE"
     dep=(--dependency="afterok:$pre")
 fi
-if [[ -f $FT/DONE.json ]]; then
+if is_finished finetune; then
     echo "finetune: finished already ($FT)"
 else
     ft=$(submit finetune finetune.sh OUTPUT="$FT" INIT="$PRE" EXTRA_ARGS="${FINETUNE_ARGS:-}")
     echo "finetune: job $ft -> $FT (initialised from $PRE)"
     dep=(--dependency="afterok:$ft")
 fi
-if [[ -f $FT/eval-test/metrics.json ]]; then
+if is_finished evaluate; then
     echo "evaluate: finished already ($FT/eval-test/metrics.json)"
 else
     ev=$(submit evaluate evaluate.sh RUN="$FT" EVAL_ARGS="${EVAL_ARGS:-}")

@@ -141,9 +141,9 @@ def _sinfo_answers() -> bool:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
-    """A SLURM controller that answers: start the local one if needed (never skip)."""
-    if _sinfo_answers():
-        return
+    """The single-node SLURM cluster (never skip): slurm/local_cluster.sh starts it, or reconfigures
+    one it started with other options (tests/test_multinode.py's 2 nodes); it leaves a cluster it did
+    not start alone."""
     try:
         run = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh")], capture_output=True, text=True,
                              timeout=600)

@@ -217,8 +217,8 @@ def test_resume_semantics_and_abandoned_timeline(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # StopFlag
 def test_stop_flag_sets_flag_and_restores_handlers():
-    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
-    stop = StopFlag()
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+    stop = StopFlag()  # USR1, USR2 (submitit's, SLURM's --signal=USR2 reaches every rank) and TERM
     try:
         assert not stop.requested and not stop.should_stop(None)
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -226,8 +226,9 @@ def test_stop_flag_sets_flag_and_restores_handlers():
         assert stop.requested and stop.signal_name == "SIGUSR1"
         assert stop.should_stop(None) and stop.agreed  # no process group: the local flag
         os.kill(os.getpid(), signal.SIGTERM)  # handled: the test process survives
+        os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(0.05)
-        assert stop.received == [signal.SIGUSR1, signal.SIGTERM]
+        assert stop.received == [signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2]
     finally:
         stop.restore()
     assert {s: signal.getsignal(s) for s in before} == before

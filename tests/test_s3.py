@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,33 @@ def test_s3_folder_without_manifest_is_not_a_data_set(s3_env):
     s3_env["fs"].pipe(f"{s3_env['bucket']}/half/shards/x.tar", b"partial")
     with pytest.raises(DataSetError, match="no manifest.json"):
         load_manifest(f"s3://{s3_env['bucket']}/half")
+
+
+def test_cached_copy_is_atomic_reused_and_follows_changes(s3_env, tmp_path, monkeypatch):
+    from patchrec_dist.data import storage
+
+    monkeypatch.setenv("PATCHREC_STAGING", str(tmp_path))
+    fs, url = s3_env["fs"], f"s3://{s3_env['bucket']}/model"
+    fs.pipe(f"{url}/config.json", b"{}")
+    fs.pipe(f"{url}/sub/weights.bin", b"x" * 1000)
+    real = storage.download_files
+
+    def dies_after_one_file(src, rels, local_dir, *args):
+        real(src, sorted(rels)[:1], local_dir, *args)
+        raise OSError("connection lost")
+
+    monkeypatch.setattr(storage, "download_files", dies_after_one_file)
+    with pytest.raises(OSError, match="connection lost"):
+        storage.cached_copy(url)
+    assert not (tmp_path / "downloads").exists() or not any((tmp_path / "downloads").iterdir())
+    monkeypatch.setattr(storage, "download_files", real)
+    first = storage.cached_copy(url)
+    assert (Path(first) / "sub" / "weights.bin").read_bytes() == b"x" * 1000
+
+    monkeypatch.setattr(storage, "download_files", lambda *a: pytest.fail("downloaded again"))
+    assert storage.cached_copy(url) == first  # unchanged remote files: the same copy, no download
+    monkeypatch.setattr(storage, "download_files", real)
+    fs.pipe(f"{url}/sub/weights.bin", b"y" * 1000)  # same size, new content (a run exported again)
+    second = storage.cached_copy(url)
+    assert second != first and (Path(second) / "sub" / "weights.bin").read_bytes() == b"y" * 1000
+    assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == sorted(Path(c).name for c in (first, second))

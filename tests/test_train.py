@@ -209,3 +209,30 @@ def test_world_size_change_needs_universal_and_then_continues_the_data(learnable
     before = {tuple(e) for (rank, step), batches in seen.items() if step <= 8 for b in batches for e in b}
     after = [tuple(e) for (rank, step), batches in seen.items() if step > 8 for b in batches for e in b]
     assert len(after) == 2 * 4 and not before & set(after)  # 2 steps x 4 examples, none seen before
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(300)
+def test_tensorboard_on_s3_survives_a_sigkill_at_the_commit(learnable_dataset, reference, tmp_path, s3_env):
+    """The whole job SIGKILLed the moment the first checkpoint's `latest` is on S3, then resumed
+    from an empty staging folder (a new node): tb/ on S3 holds every step once, as the
+    uninterrupted run's."""
+    bucket, fs = s3_env["bucket"], s3_env["fs"]
+    url = f"s3://{bucket}/run"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "PATCHREC_S3_ENDPOINT": s3_env["endpoint"], "PATCHREC_STAGING": str(tmp_path / "staging-a")}
+    first = launch("tests/dist_scripts/finetune_killed_at_commit.py", flags(learnable_dataset, url, save_every=4),
+                   env=env)
+    assert first.returncode == -signal.SIGKILL and "killing the job" in first.output, first.tail()
+    assert fs.cat(f"{bucket}/run/checkpoints/latest").decode().strip() == "step_00000004"
+    fs.get(f"{bucket}/run/tb", str(tmp_path / "at-kill" / "tb"), recursive=True)
+    assert sorted(losses(tmp_path / "at-kill")) == [1, 2, 3, 4], "tb/ on S3 lags the committed checkpoint"
+
+    env["PATCHREC_STAGING"] = str(tmp_path / "staging-b")
+    ok(launch(FINETUNE, flags(learnable_dataset, url, save_every=4), env=env), "resume from S3")
+    fs.invalidate_cache()
+    fs.get(f"{bucket}/run/tb", str(tmp_path / "done" / "tb"), recursive=True)
+    scalars, a = read_scalars(str(tmp_path / "done" / "tb")), losses(reference)
+    for name in ("train/loss", "train/lr", "train/grad_norm"):
+        assert [s for s, _ in scalars[name]] == list(range(1, 11)), (name, scalars[name])
+    assert all(abs(a[s] - v) <= 1e-5 for s, v in scalars["train/loss"])

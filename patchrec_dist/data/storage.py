@@ -7,11 +7,14 @@ something goes through one atomic helper.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
+import shutil
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import fsspec
@@ -144,6 +147,77 @@ def list_files(url: str, storage_options: dict[str, Any] | None = None) -> list[
     return sorted(p[len(root):] if p.startswith(root) else p for p in found)
 
 
+def file_infos(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """{relative path: fsspec info (size, ETag or mtime, ...)} of every file below URL, listed
+    afresh (s3fs caches listings); empty when URL does not exist."""
+    fs, path = filesystem_for(url, storage_options)
+    fs.invalidate_cache()
+    try:
+        found = with_retries(lambda: fs.find(path, detail=True), f"listing {url}")
+    except FileNotFoundError:
+        return {}
+    root = path.rstrip("/") + "/"
+    return {(p[len(root):] if p.startswith(root) else p): info for p, info in found.items()
+            if info.get("type", "file") != "directory"}
+
+
+def download_files(url: str, rels: Iterable[str], local_dir: str,
+                   storage_options: dict[str, Any] | None = None) -> None:
+    """Copy URL/REL to LOCAL_DIR/REL for every REL (relative paths with '/')."""
+    fs, path = filesystem_for(url, storage_options)
+    for rel in rels:
+        dst = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        src = posixpath.join(path, rel)
+        with_retries(lambda s=src, d=dst: fs.get_file(s, d), f"downloading {url}/{rel}")
+
+
+def staging_root() -> str:
+    """This node's folder for what remote runs keep locally: $PATCHREC_STAGING, else
+    ~/.cache/patchrec_dist/staging."""
+    return os.environ.get("PATCHREC_STAGING") or os.path.join(os.path.expanduser("~"), ".cache", "patchrec_dist",
+                                                              "staging")
+
+
+def cached_copy(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """A local folder with the files below URL, under staging_root()/downloads; reused while
+    they are unchanged.
+
+    The folder is named after URL and every file's size and version (ETag, mtime), so a remote
+    folder that changed (a run exported again) gets a new copy rather than a stale one. It is
+    filled under a temporary name and renamed when complete: a killed download or a concurrent
+    one (another rank, another job) never leaves a partial folder under the name that is trusted.
+    """
+    infos = file_infos(url, storage_options)
+    if not infos:
+        raise FileNotFoundError(f"{url}: no such folder (or it is empty)")
+    listing = {rel: [int(i.get("size") or 0), _version(i)] for rel, i in infos.items()}
+    key = hashlib.sha256(json.dumps([url, listing], sort_keys=True).encode()).hexdigest()[:16]
+    dest = os.path.join(staging_root(), "downloads", key)
+    if os.path.isdir(dest):
+        return dest
+    tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        download_files(url, listing, tmp, storage_options)
+        changed = [rel for rel, (size, _) in listing.items()
+                   if os.path.getsize(os.path.join(tmp, *rel.split("/"))) != size]
+        if changed:
+            raise StorageError(f"downloading {url}: {changed[:3]} changed during the download; try again")
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process renamed its complete copy first: use that one
+            if not os.path.isdir(dest):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _version(info: dict[str, Any]) -> str:
+    """What changes when a file is rewritten: its ETag on object stores, else its mtime."""
+    return str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
+
+
 def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Fail early, naming the URL, when it cannot be written (no bucket, denied, bad endpoint)."""
     probe = join(url, f".write-probe-{os.getpid()}")
@@ -159,9 +233,12 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
 
 __all__ = [
     "StorageError",
+    "cached_copy",
     "check_writable",
     "default_storage_options",
+    "download_files",
     "exists",
+    "file_infos",
     "filesystem_for",
     "fsspec",
     "is_local",
@@ -170,6 +247,7 @@ __all__ = [
     "open_url",
     "read_bytes",
     "remove",
+    "staging_root",
     "with_retries",
     "write_bytes_atomic",
 ]

@@ -21,7 +21,12 @@ from patchrec_dist.data import storage
 from patchrec_dist.data.catalog import catalog_titles
 from patchrec_dist.data.manifest import load_manifest
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
-from patchrec_dist.model.load import resize_for_tokenizer, resolve_model_source, with_patchrec_vocabulary
+from patchrec_dist.model.load import (
+    local_model_dir,
+    resize_for_tokenizer,
+    resolve_model_source,
+    with_patchrec_vocabulary,
+)
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import LayoutSpec
 from patchrec_dist.patching.prompt import build_prompt_tokens, resolve_template
@@ -31,7 +36,7 @@ from patchrec_dist.train.config import STAGES, _f
 @dataclass
 class EvalConfig:
     data: str = _f("", "data set folder or URL")
-    run: str | None = _f(None, "a training run (its final export, saved layout and TensorBoard)")
+    run: str | None = _f(None, "a training run, path or URL (its final export, saved layout and TensorBoard)")
     model: str | None = _f(None, "an HF model folder (or smollm2, or a .gguf) instead of --run: a base model, PatchRec tokens added")
     output: str = _f("", "where metrics.json and predictions.jsonl go (default RUN/eval-SPLIT)")
     split: str = _f("test", "split to evaluate", choices=("train", "val", "test"))
@@ -109,12 +114,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     manifest = load_manifest(cfg.data)
     titles = catalog_titles(manifest)
-    if cfg.run and not storage.is_local(cfg.run):
-        raise ValueError("--run on a remote URL: export it locally first (tools/export_hf.py RUN OUT) and pass --model OUT")
-    model_dir = os.path.join(cfg.run, "final") if cfg.run else resolve_model_source(cfg.model, cfg.output_dir())
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        hint = f" (export it: python tools/export_hf.py {cfg.run} {cfg.run}/final)" if cfg.run else ""
-        raise ValueError(f"{model_dir}: not a model folder{hint}")
+    model_source = storage.join(cfg.run, "final") if cfg.run else cfg.model
+    model_dir = _model_folder(cfg, model_source)
     run_cfg = _run_config(cfg.run) if cfg.run else {}
     template = resolve_template(manifest.prompt, cfg.prompt_file or run_cfg.get("prompt_file"),
                                 cfg.domain or run_cfg.get("domain"))
@@ -163,7 +164,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         fed = np.array([f for *_, f in ordered], dtype=np.float64).reshape(-1, 3)
         result = {
             "metrics": metrics, "split": cfg.split, "examples": len(ordered), "scoring": cfg.scoring,
-            "model": model_dir, "run": cfg.run, "data": cfg.data, "layout": asdict(spec),
+            "model": model_dir if storage.is_local(model_source) else model_source,  # a URL, not its copy
+            "run": cfg.run, "data": cfg.data, "layout": asdict(spec),
             "top_k": cfg.top_k, "beams": cfg.beams, "ranks": world,
             "examples_per_s": round(len(ordered) / max(seconds, 1e-9), 2),
             # what the prompts cost: history positions under this layout, the same histories as
@@ -180,6 +182,19 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
+def _model_folder(cfg: EvalConfig, source: str) -> str:
+    """The model folder to load, on local disk: a run's final/ (downloaded when the run is at a URL)
+    or --model's folder; ValueError when there is none."""
+    if cfg.run:
+        if not storage.exists(storage.join(source, "config.json")):  # every rank: all fail together
+            raise ValueError(f"{source}: not a model folder (export it: python tools/export_hf.py {cfg.run} {source})")
+        return local_model_dir(source)
+    model_dir = resolve_model_source(source, cfg.output_dir())
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"{model_dir}: not a model folder")
+    return model_dir
+
+
 def _write_outputs(cfg: EvalConfig, result: dict[str, Any], preds: list, titles: list[str]) -> None:
     out = cfg.output_dir()
     lines = []
@@ -188,14 +203,27 @@ def _write_outputs(cfg: EvalConfig, result: dict[str, Any], preds: list, titles:
                                  "top": [{"items": items, "title": t, "score": s}
                                          for items, t, s in zip(leaves, p.titles, p.scores or [])]}))
     storage.write_bytes_atomic(storage.join(out, "predictions.jsonl"), ("\n".join(lines) + "\n").encode())
+    if cfg.run:
+        _log_to_run_tensorboard(cfg, result["metrics"])
+    # last: metrics.json marks a finished evaluation (the pipeline skips a stage that has it)
     storage.write_bytes_atomic(storage.join(out, "metrics.json"), (json.dumps(result, indent=2) + "\n").encode())
-    if cfg.run and storage.is_local(cfg.run):
-        from patchrec_dist.monitor.tensorboard import Monitor
 
-        step = cfg.tb_step
-        if step is None:
-            done = os.path.join(cfg.run, "DONE.json")
-            step = json.load(open(done))["step"] if os.path.exists(done) else 0
-        mon = Monitor(os.path.join(cfg.run, "tb"), True, 0, step)
-        mon.scalars(step, {f"eval/{cfg.split}/{k}": v for k, v in result["metrics"].items() if isinstance(v, float)})
+
+def _log_to_run_tensorboard(cfg: EvalConfig, metrics: dict[str, Any]) -> None:
+    """eval/SPLIT/* scalars at the run's last step in RUN/tb: a new event file beside training's,
+    written locally and uploaded when the run is at a URL."""
+    import tempfile
+
+    from patchrec_dist.monitor.tensorboard import Monitor, upload_logdir
+
+    step = cfg.tb_step
+    if step is None:
+        done = storage.join(cfg.run, "DONE.json")
+        step = json.loads(storage.read_bytes(done))["step"] if storage.exists(done) else 0
+    with tempfile.TemporaryDirectory() as tmp:
+        logdir = os.path.join(cfg.run, "tb") if storage.is_local(cfg.run) else tmp
+        mon = Monitor(logdir, True, 0, step)
+        mon.scalars(step, {f"eval/{cfg.split}/{k}": v for k, v in metrics.items() if isinstance(v, float)})
         mon.close()
+        if not storage.is_local(cfg.run):
+            upload_logdir(tmp, storage.join(cfg.run, "tb"))

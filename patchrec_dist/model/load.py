@@ -9,17 +9,24 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from patchrec_dist.data import storage
 from patchrec_dist.patching.prompt import PromptTemplate, add_patchrec_tokens, ensure_chat_template
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _node_leader() -> bool:
+    """Local rank 0: the rank that writes this node's local files (nodes need not share a disk)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def _barrier() -> None:
@@ -28,17 +35,20 @@ def _barrier() -> None:
 
 
 def resolve_model_source(spec: str, work_dir: str) -> str:
-    """An HF folder (or hub id) for SPEC; GGUF files and 'smollm2' are converted once (rank 0)."""
+    """An HF folder (or hub id) for SPEC; GGUF files and 'smollm2' are converted once (rank 0), an
+    HF folder at a URL is downloaded (local_model_dir)."""
+    if not storage.is_local(spec):
+        return local_model_dir(spec)
     if spec == "smollm2" or spec.endswith(".gguf"):
         from patchrec_dist.model.smollm2 import gguf_to_hf_folder, smollm2_model_dir
 
         if spec == "smollm2":
-            if _rank() == 0:
+            if _node_leader():  # a locked, atomic conversion: safe where nodes share the cache
                 smollm2_model_dir()
             _barrier()
             return str(smollm2_model_dir())
         out = Path(work_dir) / "converted-model"
-        if _rank() == 0 and not out.exists():
+        if _node_leader() and not out.exists():
             gguf_to_hf_folder(spec, out)
         _barrier()
         return str(out)
@@ -46,9 +56,26 @@ def resolve_model_source(spec: str, work_dir: str) -> str:
 
 
 def run_export_dir(path: str) -> str:
-    """`--init RUN` means RUN/final (the export a finished run writes); an HF folder is itself."""
-    final = os.path.join(path, "final")
-    return final if os.path.exists(os.path.join(final, "config.json")) else path
+    """`--init RUN` means RUN/final (the export a finished run writes); an HF folder is itself.
+    Either may be a URL (any fsspec store): then the local copy of it (local_model_dir)."""
+    final = storage.join(path, "final")
+    return local_model_dir(final if storage.exists(storage.join(final, "config.json")) else path)
+
+
+def local_model_dir(url: str) -> str:
+    """Collective for a URL: a local copy of the model folder at URL (a local path is itself).
+
+    from_pretrained reads local folders only. One rank per node (local rank 0) downloads into the
+    node's staging area (storage.cached_copy: atomic, reused while the remote files are
+    unchanged); the others wait at the barrier, then find the finished copy."""
+    if storage.is_local(url):
+        return url
+    # every rank checks, so a wrong URL fails them all at once instead of leaving some at the barrier
+    if not storage.exists(storage.join(url, "config.json")):
+        raise FileNotFoundError(f"{url}: no config.json there: not a model folder (nor a run with a final/ export)")
+    path = storage.cached_copy(url) if _node_leader() else None
+    _barrier()
+    return path or storage.cached_copy(url)
 
 
 def load_tokenizer(cfg: Any, titles: list[str], template: PromptTemplate, work_dir: str):
@@ -61,14 +88,35 @@ def load_tokenizer(cfg: Any, titles: list[str], template: PromptTemplate, work_d
         from patchrec_dist.model.tiny import train_title_tokenizer
 
         path = Path(work_dir) / "tiny-tokenizer"
-        if _rank() == 0 and not (path / "tokenizer.json").exists():
-            tok = train_title_tokenizer([*titles, template.system, template.instruction], cfg.tiny_vocab)
-            tok.save_pretrained(path)
-        _barrier()  # every rank loads rank 0's: one tokenizer per run
+        files = None
+        if _rank() == 0:
+            if not (path / "tokenizer.json").exists():
+                tok = train_title_tokenizer([*titles, template.system, template.instruction], cfg.tiny_vocab)
+                tok.save_pretrained(path)
+            files = {f.name: f.read_bytes() for f in path.iterdir() if f.is_file()}
+        write_on_every_node(path, files)  # one tokenizer per run: rank 0's, on every node's disk
         tok = AutoTokenizer.from_pretrained(path)
     else:
         tok = AutoTokenizer.from_pretrained(resolve_model_source(cfg.model, work_dir))
     return with_patchrec_vocabulary(tok)
+
+
+def write_on_every_node(folder: Path, files: dict[str, bytes] | None) -> None:
+    """Collective: rank 0's FILES (name -> bytes) written into FOLDER on every node (by its local
+    rank 0, atomically), so every rank reads the same files from its own node's disk."""
+    if dist.is_available() and dist.is_initialized():
+        box = [files]
+        dist.broadcast_object_list(box, src=0)
+        files = box[0]
+    if _node_leader() and _rank() != 0 and files is not None:
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    _barrier()
 
 
 def with_patchrec_vocabulary(tok: Any) -> Any:

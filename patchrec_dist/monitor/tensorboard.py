@@ -1,15 +1,21 @@
 """What a run shows: TensorBoard scalars and a progress line, written by rank 0 only.
 
 A resumed run opens the same log folder with purge_step at its first new step, so curves continue
-without duplicated points.
+without duplicated points. That purge also hides, in an older event file, the points a crashed
+run logged after its last checkpoint: TensorBoard reads a folder's event files in name (= creation
+time) order, and the resumed run's file comes later.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
+
+from patchrec_dist.data import storage
 
 
 class Monitor:
@@ -62,6 +68,17 @@ class Monitor:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def upload_logdir(logdir: str, url: str) -> None:
+    """Copy every file under the local LOGDIR to URL (same relative paths). Event files only grow
+    and have unique names, so copying them again replaces each with a longer version of itself,
+    and files of earlier runs already at URL stay."""
+    for dirpath, _, names in os.walk(logdir):
+        for name in names:
+            src = os.path.join(dirpath, name)
+            rel = os.path.relpath(src, logdir).replace(os.sep, "/")
+            storage.write_bytes_atomic(storage.join(url, rel), Path(src).read_bytes())
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:

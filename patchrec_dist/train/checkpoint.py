@@ -74,6 +74,8 @@ from typing import Any, TypeVar
 import torch
 
 from patchrec_dist.data.storage import (
+    download_files,
+    file_infos,
     filesystem_for,
     is_local,
     join,
@@ -356,18 +358,7 @@ class CheckpointManager:
 
     def _files_with_sizes(self, url: str) -> dict[str, int]:
         """{relative path: size} of every file below URL; {} if it does not exist."""
-        fs, path = self._fs(url)
-        fs.invalidate_cache()
-        try:
-            found = with_retries(lambda: fs.find(path, detail=True), f"listing {url}")
-        except FileNotFoundError:
-            return {}
-        root = path.rstrip("/") + "/"
-        return {
-            (p[len(root):] if p.startswith(root) else p): int(info.get("size") or 0)
-            for p, info in found.items()
-            if info.get("type", "file") != "directory"
-        }
+        return {rel: int(info.get("size") or 0) for rel, info in file_infos(url, self.storage_options).items()}
 
     def _list_tags(self) -> list[str]:
         """Tag directories under checkpoints/, sorted by step (complete or not)."""
@@ -600,14 +591,8 @@ class CheckpointManager:
         with_retries(lambda: fs.put_file(src, path), f"uploading {src} to {url}")
 
     def _download_dir(self, url: str, local_dir: str, skip: Callable[[str], bool] = lambda rel: False) -> None:
-        fs, path = self._fs(url)
-        for rel in self._files_with_sizes(url):
-            if skip(rel):
-                continue
-            dst = os.path.join(local_dir, *rel.split("/"))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            src = posixpath.join(path, rel)
-            with_retries(lambda s=src, d=dst: fs.get_file(s, d), f"downloading {url}/{rel}")
+        rels = [rel for rel in self._files_with_sizes(url) if not skip(rel)]
+        download_files(url, rels, local_dir, self.storage_options)
 
     def _prune(self, current: str) -> None:
         """Rank 0: keep the newest ``keep_last`` complete checkpoints up to CURRENT; delete older

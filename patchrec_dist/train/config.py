@@ -42,7 +42,7 @@ class TrainConfig:
     domain: str | None = _f(None, "movie or book: the paper's prompt for that domain")
     # model
     model: str = _f("tiny", "HF folder or hub id, a .gguf file, 'smollm2' or 'tiny' (random, for tests)")
-    init: str | None = _f(None, "start from a previous run (its final export) or an HF folder")
+    init: str | None = _f(None, "start from a previous run (its final export) or an HF folder; a path or URL")
     tiny_hidden: int = _f(64, "tiny model: hidden size")
     tiny_layers: int = _f(2, "tiny model: layers")
     tiny_vocab: int = _f(1024, "tiny model: tokenizer vocabulary trained on the catalog titles")

@@ -18,7 +18,7 @@ Why this shape (see docs/design.md, "Hard constraints"):
 
 Typical loop::
 
-    stop = StopFlag()                      # SIGUSR1 and SIGTERM
+    stop = StopFlag()                      # SIGUSR1, SIGUSR2 and SIGTERM
     for step in range(start, total):
         train_one_step(...)
         if stop.should_stop(engine):       # collective: every rank, every step
@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ import torch
 #: shell codes, so a SLURM epilog, submitit wrapper or shell loop can requeue on exactly this.
 RESUME_EXIT_CODE = 75
 
-DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)
+DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 def _signal_number(sig: int | str | signal.Signals) -> int:
@@ -54,7 +54,7 @@ def _signal_number(sig: int | str | signal.Signals) -> int:
 
 
 class StopFlag:
-    """Flag set by SIGUSR1/SIGTERM (configurable); agreed on by all ranks via an all-reduce.
+    """Flag set by SIGUSR1/SIGUSR2/SIGTERM (configurable); agreed on by all ranks via an all-reduce.
 
     ``signals``: numbers, ``signal.Signals`` or names (``"USR1"``, ``"SIGTERM"``).
     ``install``: install the handlers now (must be the main thread, as for ``signal.signal``).
@@ -152,7 +152,7 @@ def _collective_device(backend: str, engine: Any) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["DEFAULT_SIGNALS", "RESUME_EXIT_CODE", "StopFlag"]
+__all__ = ["DEFAULT_SIGNALS", "RESUME_EXIT_CODE", "StopFlag", "exit_process", "run_rank"]
 
 
 def exit_process(code: int) -> None:
@@ -175,3 +175,28 @@ def exit_process(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_rank(main: Callable[[], int | None]) -> None:
+    """A rank's whole life: MAIN(), then exit_process with its code (None: 0). An exception is
+    printed and ends the process at once with 1, and SystemExit with its code, without the
+    teardown: after a peer died (its node lost) the rank raises from a collective, and a normal
+    interpreter exit then waits on DataLoader workers and gloo threads that never finish (seen on
+    two nodes: the rank hung after "Connection reset by peer", so its launcher never saw it fail).
+    The launcher kills the rank's process group (its DataLoader workers) once it exited."""
+    import sys
+    import traceback
+
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    except BaseException:  # noqa: BLE001 - the point: whatever it is, the rank must end now
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    exit_process(0 if code is None else code)

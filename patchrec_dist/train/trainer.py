@@ -28,7 +28,7 @@ from patchrec_dist.data.manifest import DataSetError, load_manifest
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
 from patchrec_dist.model.load import build_model, load_tokenizer
 from patchrec_dist.model.patch_embed import embed_with_patches
-from patchrec_dist.monitor.tensorboard import Monitor
+from patchrec_dist.monitor.tensorboard import Monitor, upload_logdir
 from patchrec_dist.patching.collate import Batch, Collator
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.prompt import IGNORE_INDEX, build_prompt_tokens, resolve_template
@@ -84,9 +84,7 @@ def local_work_dir(output: str) -> str:
         return output
     import hashlib
 
-    root = os.environ.get("PATCHREC_STAGING") or os.path.join(os.path.expanduser("~"), ".cache", "patchrec_dist",
-                                                              "staging")
-    path = os.path.join(root, hashlib.sha256(output.encode()).hexdigest()[:16])
+    path = os.path.join(storage.staging_root(), hashlib.sha256(output.encode()).hexdigest()[:16])
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -326,10 +324,15 @@ class Trainer:
         return make
 
     def save(self) -> None:
+        # TensorBoard before the checkpoint: once `latest` moves, a remote output's tb/ must hold
+        # every step up to it, since a crash right after the commit (or a resume on another node)
+        # never uploads this node's files again. Points of a save that never commits are hidden
+        # by the resumed run's purge_step.
+        self.monitor.flush()
+        sync_tensorboard(self.work, self.cfg.output, self.rank)
         self.ckpt.save(self.engine, self.step, {
             "step": self.step, "counters": dict(self.counters), "data": self.loader.state_dict(),
             "config": self.cfg.to_dict(), "config_hash": self.config_hash, "total_steps": self.total_steps})
-        sync_tensorboard(self.work, self.cfg.output, self.rank)
 
     def log_examples(self, batches_seen: list[list[tuple[str, int]]]) -> None:
         """--log-examples: which examples each step trained on, per rank (an audit trail; tests use it)."""
@@ -417,12 +420,6 @@ def train(cfg: TrainConfig) -> int:
 
 
 def sync_tensorboard(work: str, output: str, rank: int) -> None:
-    """A remote output gets the TensorBoard files too (they are written locally)."""
-    if rank != 0 or storage.is_local(output):
-        return
-    tb = os.path.join(work, "tb")
-    for dirpath, _, names in os.walk(tb):
-        for name in names:
-            src = os.path.join(dirpath, name)
-            rel = os.path.relpath(src, work).replace(os.sep, "/")
-            storage.write_bytes_atomic(storage.join(output, rel), Path(src).read_bytes())
+    """A remote output gets the TensorBoard files too (rank 0 writes them into WORK/tb)."""
+    if rank == 0 and not storage.is_local(output):
+        upload_logdir(os.path.join(work, "tb"), storage.join(output, "tb"))
