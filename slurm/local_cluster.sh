@@ -27,7 +27,8 @@
 #   --private-scratch  each node also gets a mount namespace with its own /tmp and its own
 #                      ~/.cache/patchrec_dist/staging (under /var/lib/patchrec-cluster/nodeK), so
 #                      nodes share no scratch disk and checkpoints travel through S3 (the usual
-#                      cloud set-up). The repository, its .venv and /var/tmp stay shared.
+#                      cloud set-up). The repository (also one under /tmp), its .venv and
+#                      /var/tmp stay shared.
 #   --s3               a moto S3 server every node reaches: http://10.77.0.1:9077 (one node:
 #                      http://127.0.0.1:9077); `status` prints it, and so does
 #                      /run/patchrec-cluster/s3_endpoint.
@@ -175,7 +176,13 @@ node_pidfile() { echo "$RUN_DIR/slurmd-$1.pid"; }
 
 # The mode the running cluster was started with ("nodes=N private=P s3=S"), empty if none.
 running_mode() { cat "$MODE_FILE" 2>/dev/null || true; }
-wanted_mode() { echo "nodes=$NODES private=$PRIVATE s3=$S3"; }
+# With private scratch the nodes see the repository of the script that started them (see
+# start_node): another checkout reconfigures.
+wanted_mode() {
+    local mode="nodes=$NODES private=$PRIVATE s3=$S3"
+    ((PRIVATE)) && mode+=" repo=$REPO"
+    echo "$mode"
+}
 mode_value() { sed -n "s/.*$1=\([0-9]*\).*/\1/p" <<<"$(running_mode)"; }
 
 setup_network() {  # the bridge, and a namespace with a veth and an /etc/hosts line per node
@@ -240,7 +247,13 @@ start_node() {  # slurmd -N NAME inside its namespaces (net; UTS; mount with --p
     chmod 1777 "$scratch/tmp"
     if [[ $(mode_value private) == 1 ]]; then
         mkdir -p "$HOME/.cache/patchrec_dist/staging"
-        mounts="mount --bind $scratch/tmp /tmp && mount --bind $scratch/staging $HOME/.cache/patchrec_dist/staging && "
+        # A repository under /tmp (a CI clone) stays visible on the node: bound into its private
+        # /tmp at the same path before that /tmp covers the host's.
+        if [[ $REPO == /tmp/* ]]; then
+            mkdir -p "$scratch$REPO"
+            mounts="mount --bind $REPO $scratch$REPO && "
+        fi
+        mounts+="mount --rbind $scratch/tmp /tmp && mount --bind $scratch/staging $HOME/.cache/patchrec_dist/staging && "
     fi
     log "starting slurmd on $name ($(node_addr "$name"), namespace $ns${mounts:+, private /tmp and staging})"
     nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private \
@@ -375,7 +388,7 @@ do_stop() {
     stop_pidfile "$OWN_DIR/moto.pid" "moto S3"
     remove_network  # and whatever still runs in the nodes' namespaces (their jobs' tasks)
     stop_pidfile /run/munge/munged.pid munged
-    rm -rf "$OWN_DIR"
+    rm -rf "$OWN_DIR" "$NODE_ROOT"  # the nodes' private scratch
     log "stopped"
 }
 
