@@ -255,8 +255,9 @@ def test_pipeline_sh_on_two_nodes_through_s3(cluster, s3, root, jobs):
 @pytest.mark.timeout(600)
 def test_submitit_pipeline_on_two_nodes_preempted_resumes_exactly(cluster, s3, root, jobs):
     """`python launchers/submit.py --cluster slurm --slurm nodes=2`: each stage is one submitit job
-    over both nodes. The pre-training stage is preempted the way submitit emulates it
-    (`job._interrupt()`: TERM, then USR2, to every process of the job): the ranks on both nodes
+    over both nodes. The pre-training stage is interrupted twice the way submitit emulates it:
+    `job._interrupt(timeout=True)` (USR2 alone, the time-limit signal), then `job._interrupt()` (a
+    preemption: TERM, then USR2, to every process of the job). Each time the ranks on both nodes
     save, submitit's handler in task 0 requeues once they exited, and the requeued stage resumes;
     the chain goes on to fine-tuning and evaluation. Pre-training's losses equal a one-node,
     two-rank run of the same flags."""
@@ -285,21 +286,29 @@ def test_submitit_pipeline_on_two_nodes_preempted_resumes_exactly(cluster, s3, r
     def log(job: str) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(folder.glob(f"{job}_*_log.*")))
 
-    def past_step_2() -> bool:
-        if job_info(pre).get("JobState") in TERMINAL:
-            raise AssertionError(f"pretrain job ended early:\n{log(pre)[-4000:]}")
-        return any(int(s) > 1 for s in re.findall(rf"^step (\d+)/{STEPS} ", log(pre), re.M))
+    def past(step: int):
+        def check() -> bool:
+            if job_info(pre).get("JobState") in TERMINAL:
+                raise AssertionError(f"pretrain job ended early:\n{log(pre)[-4000:]}")
+            return any(int(s) > step for s in re.findall(rf"^step (\d+)/{STEPS} ", log(pre), re.M))
+        return check
 
-    bounded_wait(past_step_2, 240, "two pre-training steps")
-    submitit.SlurmJob(folder, pre)._interrupt()
+    job = submitit.SlurmJob(folder, pre)
+    bounded_wait(past(1), 240, "two pre-training steps")
+    job._interrupt(timeout=True)  # USR2 alone: what SLURM sends signal_delay_s before the time limit
+    bounded_wait(lambda: len(re.findall(r"resumed at step \d+", log(pre))) == 1, 180, "the first resume")
+    first = int(re.search(r"resumed at step (\d+)", log(pre)).group(1))
+    bounded_wait(past(first + 1), 180, "two steps after the first resume")
+    job._interrupt()  # a preemption: TERM, then USR2
     bounded_wait(lambda: job_info(ids["evaluate"]).get("JobState") in TERMINAL, 480, "the evaluation job to end")
     text = log(pre)
     states = {name: job_info(j).get("JobState") for name, j in ids.items()}
     assert states == dict.fromkeys(ids, "COMPLETED"), (states, text[-4000:], log(ids["evaluate"])[-3000:])
-    assert job_info(pre).get("Restarts") == "1", text[-4000:]
-    assert "every rank exited after" in text and "node 1: ranks exited: rank 1: 75" in text, text[-4000:]
+    assert job_info(pre).get("Restarts") == "2", text[-4000:]
+    assert text.count("every rank exited after") == 2 and text.count("node 1: ranks exited: rank 1: 75") == 2, \
+        text[-4000:]
     saved = re.findall(r"saving at step (\d+)", text)
-    assert saved and re.search(r"resumed at step (\d+)", text).group(1) == saved[0], text[-4000:]
+    assert len(saved) == 2 and re.findall(r"resumed at step (\d+)", text) == saved, text[-4000:]
     metrics = json.loads(s3["fs"].cat(f"{s3['bucket']}/sub/finetune/eval-test/metrics.json"))
     assert metrics["examples"] == 8 and metrics["ranks"] == 2, metrics
     reference.join(timeout=300)

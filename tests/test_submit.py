@@ -134,10 +134,11 @@ def test_slurm_stage_preempted_through_submitit_saves_requeues_and_resumes_exact
         assert info.get("Restarts") == "2", (info, text[-4000:])
         assert job.result() == {"stage": "pretrain", "exit": 0}
         # the ranks saved: the first time on SLURM's USR2 (12), which reaches every process of the step (and
-        # checkpoint()'s USR1, 10); the second time SLURM's TERM (15) came first
+        # checkpoint()'s USR1, 10); the second time SLURM's TERM (15) reached them too (the launcher forwards
+        # it as USR1, which may arrive first)
         stops = re.findall(r"stop requested \(signal \[([\d, ]+)\]\): saving at step (\d+)", text)
         signals = [s.split(", ") for s, _ in stops]
-        assert len(stops) == 2 and "12" in signals[0] and signals[1][0] == "15", stops
+        assert len(stops) == 2 and "12" in signals[0] and "15" in signals[1], stops
         # ... before submitit requeued (checkpoint() returned once every rank had exited) ...
         assert "every rank exited after" in text and "ranks still running after" not in text, text[-4000:]
         assert len(re.findall(r"Requeued job \d+", text)) == 2 and text.count("Starting with JobEnvironment") == 3
