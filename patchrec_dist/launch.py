@@ -226,6 +226,16 @@ def alive(proc: subprocess.Popen) -> bool:
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
+def rank_env(cpu: bool) -> dict[str, str]:
+    """This process's environment for rank processes (before the world's variables): unbuffered
+    output, and for CPU ranks DeepSpeed's CPU accelerator with one thread unless told otherwise."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if cpu:
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+                   TOKENIZERS_PARALLELISM=env.get("TOKENIZERS_PARALLELISM", "false"))
+    return env
+
+
 @dataclass
 class NodeLauncher:
     """SCRIPT FLAGS on this node's ranks of WORLD, and what the job does when they end."""
@@ -259,17 +269,10 @@ class NodeLauncher:
             ids = visible[:len(ids)]
         return ids
 
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if self.cpu:
-            env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
-                       TOKENIZERS_PARALLELISM=env.get("TOKENIZERS_PARALLELISM", "false"))
-        return env
-
     def rank_commands(self) -> list[tuple[list[str], dict[str, str]]]:
         """(argv, environment) of each rank process of this node, as DeepSpeed's launcher starts them."""
         script = str(REPO / self.script)
-        w, env = self.world, self.env()
+        w, env = self.world, rank_env(self.cpu)
         env.update(MASTER_ADDR=w.master_addr, MASTER_PORT=str(w.master_port), WORLD_SIZE=str(w.size),
                    LOCAL_SIZE=str(w.nproc), CROSS_RANK=str(w.node_rank), CROSS_SIZE=str(w.nnodes),
                    CUDA_VISIBLE_DEVICES=",".join(self.device_ids()))

@@ -37,7 +37,7 @@ from typing import Any
 import submitit
 
 from patchrec_dist.data import storage
-from patchrec_dist.launch import REPO, NodeLauncher, World, in_slurm_job, log
+from patchrec_dist.launch import REPO, NodeLauncher, World, in_slurm_job, log, scontrol_requeue
 from patchrec_dist.train.signals import RESUME_EXIT_CODE
 
 
@@ -69,12 +69,6 @@ class Stage(submitit.helpers.Checkpointable):
             return [sys.executable, script, *self.flags]
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.nproc),
                 "--master_port", str(port), script, *self.flags]
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if self.cpu:
-            env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
-        return env
 
     def node_launcher(self) -> NodeLauncher:
         return NodeLauncher(self.launcher, self.flags, World.from_env(max(1, self.nproc)), cpu=self.cpu,
@@ -110,8 +104,6 @@ class Stage(submitit.helpers.Checkpointable):
         sig = _preempt_signal()
         handler = signal.getsignal(sig) if threading.current_thread() is threading.main_thread() else None
         if not os.environ.get("SUBMITIT_EXECUTOR") or not callable(handler):
-            from patchrec_dist.launch import scontrol_requeue
-
             return scontrol_requeue()
         signal.signal(sig, signal.SIG_IGN)  # a signal arriving now must not requeue a second time
         log(f"{self.name}: the ranks stopped at a checkpoint: requeueing through submitit")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from patchrec_dist.launch import free_port
+from patchrec_dist.launch import free_port, rank_env
 from patchrec_dist.pipeline import REPO, Stage
 from patchrec_dist.train.signals import RESUME_EXIT_CODE
 
@@ -50,7 +50,7 @@ def run_launcher(launcher: str, flags: list[str], nproc: int, log_path: str | Pa
     save a checkpoint (training: the next run resumes from it) before the group is killed.
     Returns the wall seconds; raises LauncherFailed with the log's tail otherwise."""
     stage = Stage(Path(launcher).stem, launcher, flags, nproc=nproc, cpu=cpu)
-    env = stage.env()
+    env = rank_env(cpu)
     if cpu:
         env["OMP_NUM_THREADS"] = str(cpu_threads_per_rank(max(1, nproc)))
     log_path = Path(log_path)
