@@ -103,6 +103,12 @@ def test_ppt_layouts_are_seeded_and_paired(tiny_tokenizer):
     assert patcher(ex)[0].num_patches == 0  # p = 0 at step 0
     ex.batch = 9
     assert patcher(ex)[0].num_patches >= 8  # p = 0.9 at step 9
+    # validation at step 0 of the run's schedule: every example drawn at that step, whatever its batch
+    # (a Patcher without the run's schedule, total_steps=1, compressed nearly everything)
+    at_start = Patcher(tokens, LayoutSpec("ppt"), seed=1, total_steps=10, fixed_step=0)
+    assert all(at_start(Example(**{**vars(ex), "batch": b}))[0].num_patches == 0 for b in (0, 5, 9))
+    at_step_9 = Patcher(tokens, LayoutSpec("ppt"), seed=1, total_steps=10, fixed_step=9)
+    assert at_step_9(Example(**{**vars(ex), "batch": 0}))[0].input_ids.tolist() == patcher(ex)[0].input_ids.tolist()
 
 
 def test_prompt_tokens_disk_cache(tiny_tokenizer, tmp_path):

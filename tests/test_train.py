@@ -211,6 +211,28 @@ def test_world_size_change_needs_universal_and_then_continues_the_data(learnable
     assert len(after) == 2 * 4 and not before & set(after)  # 2 steps x 4 examples, none seen before
 
 
+def test_resume_with_another_length_is_refused_unless_stretched(learnable_dataset, reference, tmp_path):
+    """The reference run (10 steps) resumed from step 8 with --max-steps 12: refused, naming the flag
+    (its LR and PPT schedules would change mid-run); with --schedule-change stretch it goes on to 12."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000010")
+    (out / "checkpoints" / "latest").write_text("step_00000008\n")
+    (out / "DONE.json").unlink()
+    refused = launch(FINETUNE, flags(learnable_dataset, out, max_steps=12))
+    assert refused.returncode not in (0, None)
+    assert "--max-steps 10 -> 12 changes the run's length" in refused.output and "--schedule-change stretch" in \
+        refused.output, refused.tail()
+    stretched = launch(FINETUNE, flags(learnable_dataset, out, max_steps=12, schedule_change="stretch"))
+    ok(stretched, "stretched resume")
+    assert "resumed at step 8" in stretched.output
+    assert json.loads((out / "DONE.json").read_text()) == {"step": 12, "total_steps": 12}
+    lr = dict(read_scalars(str(out / "tb"))["train/lr"])
+    assert sorted(lr) == list(range(1, 13)) and lr[12] == 0.0  # the cosine now ends at step 12
+
+
 @pytest.mark.s3
 @pytest.mark.timeout(300)
 def test_tensorboard_on_s3_survives_a_sigkill_at_the_commit(learnable_dataset, reference, tmp_path, s3_env):

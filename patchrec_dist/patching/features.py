@@ -121,6 +121,9 @@ class Patcher:
     total_steps: int = 1
     grad_accum: int = 1
     micro_step_offset: int = 0  # micro-batches before the current epoch; set by the trainer
+    #: ppt: draw every example at this optimizer step instead of its batch's (validation at step N
+    #: sees the layouts training sees at step N)
+    fixed_step: int | None = None
     ppt_schedule: str = "linear"
     ppt_p_max: float = 1.0
     ppt_pair_text: bool = True
@@ -131,7 +134,8 @@ class Patcher:
     def layout(self, ex: Example) -> LayoutArrays:
         n = len(ex.history)
         if self.spec.stage == "ppt":
-            step = (self.micro_step_offset + ex.batch) // max(1, self.grad_accum)
+            step = self.fixed_step if self.fixed_step is not None else \
+                (self.micro_step_offset + ex.batch) // max(1, self.grad_accum)
             p = ppt_probability(step, self.total_steps, self.ppt_schedule, self.ppt_p_max)
             return layout_arrays(self.spec, n, p=p, rng=ppt_rng(self.seed, ex.epoch, ex.index))
         lens = self._title_lens[ex.history] if self.spec.stage == "budget" else None

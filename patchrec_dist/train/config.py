@@ -66,6 +66,9 @@ class TrainConfig:
     # optimisation
     max_steps: int = _f(0, "optimizer steps (0: --epochs over the data)")
     epochs: float = _f(1.0, "passes over the split when --max-steps is 0")
+    schedule_change: str = _f("refuse", "a resume with other --max-steps/--epochs: refuse, or stretch the LR and "
+                              "PPT schedules over the new length from the resumed step",
+                              choices=("refuse", "stretch"))
     micro_batch: int = _f(16, "examples per rank per micro-step")
     grad_accum: int = _f(1, "micro-steps per optimizer step")
     lr: float = _f(8e-6, "peak learning rate")
@@ -126,7 +129,8 @@ class TrainConfig:
 
 # Fields that may differ between an interrupted run and its resumption.
 RESUME_NEUTRAL = {"resume", "universal", "num_workers", "log_every", "log_examples", "output", "save_every", "keep_last",
-                  "eval_every", "eval_batches", "dist_timeout_s", "export", "ds_config", "max_steps", "epochs"}
+                  "eval_every", "eval_batches", "dist_timeout_s", "export", "ds_config", "max_steps", "epochs",
+                  "schedule_change"}
 
 
 def _base_type(tp: Any) -> tuple[type, bool]:

@@ -32,7 +32,7 @@ from patchrec_dist.monitor.tensorboard import Monitor, upload_logdir
 from patchrec_dist.patching.collate import Batch, Collator
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.prompt import IGNORE_INDEX, build_prompt_tokens, resolve_template
-from patchrec_dist.train.checkpoint import CheckpointManager
+from patchrec_dist.train.checkpoint import CheckpointError, CheckpointManager
 from patchrec_dist.train.config import RESUME_NEUTRAL, TrainConfig
 from patchrec_dist.train.signals import RESUME_EXIT_CODE, StopFlag
 
@@ -113,6 +113,20 @@ def make_ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
         ds.get("zero_optimization", {}).pop("offload_optimizer", None)
         ds.get("zero_optimization", {}).pop("offload_param", None)
     return ds
+
+
+def check_schedule_unchanged(state: dict[str, Any], cfg: TrainConfig, tag: str) -> None:
+    """The LR and PPT schedules are functions of the run's length: a resume with other --max-steps or
+    --epochs would move both mid-run without a word. Refused unless --schedule-change stretch."""
+    saved = state.get("config") or {}
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(cfg, k)}" for k in ("max_steps", "epochs")
+               if k in saved and saved[k] != getattr(cfg, k)]
+    if changed and cfg.schedule_change == "refuse":
+        raise CheckpointError(
+            f"resume from {tag}: {', '.join(changed)} changes the run's length, and with it the LR and PPT "
+            f"schedules from step {state.get('step')} on (the run had {state.get('total_steps')} steps). Resume "
+            "with the run's own values, or pass --schedule-change stretch to recompute both schedules over the "
+            "new length.")
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float):
@@ -300,6 +314,7 @@ class Trainer:
             self.step = int(state["step"])
             self.counters.update(state["counters"])
             self.loader.load_state_dict(state["data"])
+            check_schedule_unchanged(state, cfg, tag)
         self.monitor = Monitor(os.path.join(self.work, "tb"), self.rank == 0, self.step, self.total_steps,
                                cfg.log_every)
         self.monitor.text(f"training {cfg.stage} on {manifest.num_examples(cfg.split):,} {cfg.split} examples: "
@@ -313,7 +328,12 @@ class Trainer:
                                max_history=cfg.max_history or None, remainder="pad", num_workers=0)
 
         def make() -> StreamLoader:
-            return StreamLoader(manifest, val_cfg, self.rank, self.world, transform=Patcher(self.tokens, cfg.layout_spec()),
+            # ppt: the layouts of the current step of the run's own schedule (a default Patcher knows
+            # no schedule: its total_steps=1 compressed nearly every item)
+            patcher = Patcher(self.tokens, cfg.layout_spec(), seed=cfg.seed, total_steps=self.total_steps,
+                              ppt_schedule=cfg.ppt_schedule, ppt_p_max=cfg.ppt_p_max,
+                              ppt_pair_text=cfg.ppt_pair_text, fixed_step=self.step)
+            return StreamLoader(manifest, val_cfg, self.rank, self.world, transform=patcher,
                                 collate_fn=Collator(self.tokens))
 
         try:
