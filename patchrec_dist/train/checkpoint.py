@@ -470,8 +470,9 @@ class CheckpointManager:
 
         EXPECT may hold ``config_hash`` (compared with the saved one; the caller hashes with
         :func:`config_hash` and its own ``ignore`` set, which decides which keys matter),
-        ``config`` and ``ignore`` (only to name the differing keys in the message), and
-        ``world_size`` (overrides WORLD_SIZE).
+        ``config`` and ``ignore`` (only to name the differing keys in the message),
+        ``world_size`` (overrides WORLD_SIZE), and ``check``: the caller's own condition on STATE
+        (a callable that raises CheckpointError), run like the others before anything is loaded.
         """
         expect = dict(expect or {})
         want = expect.get("config_hash")
@@ -496,6 +497,9 @@ class CheckpointManager:
                 f"world size. Resume with --universal (converts it once with DeepSpeed's ds_to_universal "
                 f"and loads the universal checkpoint) or run with {saved} ranks."
             )
+        check = expect.get("check")
+        if check is not None:
+            check(state)
 
     # -- save -------------------------------------------------------------------------------
     def save(self, engine, step: int, state: Mapping[str, Any]) -> str:

@@ -8,6 +8,7 @@ stops every rank at the same step boundary with a checkpoint and exit code 75.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -310,11 +311,12 @@ class Trainer:
         self.step, self.counters = 0, {"micro_before_epoch": 0}
         tag = self.ckpt.resolve_resume(cfg.resume)
         if tag is not None:
-            state = self.ckpt.load(self.engine, tag, expect={"config_hash": self.config_hash}, universal=cfg.universal)
+            # the run's length is checked before anything is loaded (a refusal after a 100 GB load wastes minutes)
+            expect = {"config_hash": self.config_hash, "check": lambda saved: check_schedule_unchanged(saved, cfg, tag)}
+            state = self.ckpt.load(self.engine, tag, expect=expect, universal=cfg.universal)
             self.step = int(state["step"])
             self.counters.update(state["counters"])
             self.loader.load_state_dict(state["data"])
-            check_schedule_unchanged(state, cfg, tag)
         self.monitor = Monitor(os.path.join(self.work, "tb"), self.rank == 0, self.step, self.total_steps,
                                cfg.log_every)
         self.monitor.text(f"training {cfg.stage} on {manifest.num_examples(cfg.split):,} {cfg.split} examples: "
@@ -328,11 +330,9 @@ class Trainer:
                                max_history=cfg.max_history or None, remainder="pad", num_workers=0)
 
         def make() -> StreamLoader:
-            # ppt: the layouts of the current step of the run's own schedule (a default Patcher knows
-            # no schedule: its total_steps=1 compressed nearly every item)
-            patcher = Patcher(self.tokens, cfg.layout_spec(), seed=cfg.seed, total_steps=self.total_steps,
-                              ppt_schedule=cfg.ppt_schedule, ppt_p_max=cfg.ppt_p_max,
-                              ppt_pair_text=cfg.ppt_pair_text, fixed_step=self.step)
+            # ppt: training's patcher at the current step of its schedule (a default Patcher knows no
+            # schedule: its total_steps=1 compressed nearly every item)
+            patcher = dataclasses.replace(self.patcher, fixed_step=self.step)
             return StreamLoader(manifest, val_cfg, self.rank, self.world, transform=patcher,
                                 collate_fn=Collator(self.tokens))
 

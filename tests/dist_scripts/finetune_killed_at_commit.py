@@ -11,7 +11,7 @@ import sys
 
 from patchrec_dist.train import checkpoint
 from patchrec_dist.train.config import parse_config
-from patchrec_dist.train.signals import exit_process
+from patchrec_dist.train.signals import run_rank
 from patchrec_dist.train.trainer import train
 
 
@@ -27,4 +27,4 @@ def kill_after_latest(write):
 if __name__ == "__main__":
     checkpoint.write_bytes_atomic = kill_after_latest(checkpoint.write_bytes_atomic)
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it first
-    exit_process(train(parse_config(args, defaults={"stage": "pft-s"})))
+    run_rank(lambda: train(parse_config(args, defaults={"stage": "pft-s"})))
