@@ -50,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baselines", default="popularity,sasrec")
     p.add_argument("--work", default="bench/work/quality", help="runs and logs (a rerun resumes from here)")
     p.add_argument("--results", default="bench/results")
+    p.add_argument("--check-args", action="store_true", help="check the arguments and exit (bench/gpu_check.sh --dry-run)")
     args = p.parse_args(argv)
+    if args.data and not Path(args.data, "manifest.json").exists():
+        p.error(f"--data {args.data}: no manifest.json there (tools/shard_histories.py makes one)")
     unknown = [x for x in args.layouts.split(",") if x not in LAYOUTS]
     if unknown:
         p.error(f"--layouts: unknown {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}")
@@ -141,4 +144,6 @@ def print_table(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_quality(parse_args())
+    args = parse_args()
+    if not args.check_args:
+        run_quality(args)

@@ -56,6 +56,20 @@ def speed_rows(r: dict[str, dict]) -> list[str]:
                         f"{text['step_s']:.3g} s = {runs['pft_s_over_text_step_time']:.2f} (forward+backward "
                         f"{fb:.2f}; target {t['target']['pft_s_over_text_step_time']}) | `{t['command']}` | "
                         f"{_machine(t['machine'])} |")
+    if "checkpoint" in r:
+        c = r["checkpoint"]
+        for model, m in c["models"].items():
+            shape = f"{m['params'] / 1e6:,.0f}M parameters" + (f", {m['layers']} of Llama-3.2-1B's 16 layers" if "layers" in m else "")
+            for kind, t in m["targets"].items():
+                copy = t["plain_copy"]
+                rows.append(f"| checkpoint save / load, {model} ({shape}), {c['ranks']} ranks, to {kind} "
+                            f"({t['bytes'] / 1e9:.2f} GB) | {t['save_GBps']:.2f} / {t['load_GBps']:.2f} GB/s; a plain "
+                            f"copy of the same files: {copy['write_GBps']:.2f} / {copy['read_GBps']:.2f} GB/s | "
+                            f"`{c['command']}` | {_machine(c['machine'])} |")
+            e = m["export"]
+            rows.append(f"| HF export at the end of training, {model} ({shape}, {e['dtype']}) | {e['export_s']:.1f} s "
+                        f"for {e['bytes'] / 1e9:.2f} GB, rank 0 +{e['rank0_rss_above_before_gb']:.2f} GB resident; "
+                        f"from_pretrained {e['from_pretrained_s']:.1f} s | `{c['command']}` | {_machine(c['machine'])} |")
     if "evaluate" in r:
         v = r["evaluate"]
         eps = v["examples_per_s"]

@@ -1,12 +1,19 @@
 """Train-step time of text (100 items) vs PFT-S (g=5) on the same examples: PatchRec's efficiency
 claim as this toolkit delivers it.
 
-    python bench/train_step.py [--models tiny,smollm2] [--steps 12] [--data DATA]
+    python bench/train_step.py [--models tiny,smollm2,llama1b] [--steps 12] [--data DATA]
+                               [--compare-precision] [--out FILE]
 
-Each (model, stage) runs the real trainer (DeepSpeed ZeRO-3, 1 rank, CPU unless a GPU is there)
-for --steps optimizer steps on the same data set, seed and micro-batch; the step time is split
-into data wait, patch embedding, forward, backward and optimizer (medians over the steps after
-the first two). Writes bench/results/train_step.json. Target: pft-s / text step time <= 0.25.
+Each (model, stage) runs the real trainer (DeepSpeed ZeRO-3, 1 rank, CPU unless a GPU is there,
+bf16 on a GPU: the trainer's default) through the project's launcher for --steps optimizer
+steps on the same data set, seed and micro-batch; the step time is split into data wait, patch
+embedding, forward, backward and optimizer (medians over the steps after the first two), with
+tokens/s and, on a GPU with a known peak, the model FLOPs utilisation (6 x parameters x tokens/s
+over the chip's dense bf16 peak; attention's own FLOPs left out, so it reads low for long
+sequences). `llama1b` is a random Llama with Llama-3.2-1B's shape (--llama-layers deep) and
+SmolLM2's tokenizer. --compare-precision also trains the first model one step in fp32 and one in
+bf16 on the same batch and records both losses. Writes bench/results/train_step.json.
+Target: pft-s / text step time <= 0.25.
 """
 
 from __future__ import annotations
@@ -23,6 +30,43 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("data_wait_s", "embed_s", "forward_s", "backward_s", "optimizer_s", "step_s")
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM (NVIDIA's datasheets)
+
+
+def model_source(model: str, tmp: str, layers: int) -> str:
+    """--model for the trainer: tiny and smollm2 as they are; llama1b a random HF folder made once."""
+    if model != "llama1b":
+        return model
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from patchrec_dist.model.smollm2 import smollm2_model_dir
+    from patchrec_dist.model.tiny import llama_1b_config
+
+    out = os.path.join(tmp, f"llama1b-{layers}")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        tok = AutoTokenizer.from_pretrained(smollm2_model_dir())  # its 49k ids fit the 128k vocabulary
+        config = llama_1b_config(layers=layers)
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
+        tok.save_pretrained(out)
+    return out
+
+
+def parameters(source: str) -> int:
+    """Parameters of the model at SOURCE, counted on the meta device (nothing allocated)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from patchrec_dist.model.smollm2 import smollm2_model_dir
+
+    if source == "tiny":
+        return 0
+    folder = str(smollm2_model_dir()) if source == "smollm2" else source
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return sum(p.numel() for p in model.parameters())
 
 
 def default_data(tmp: str) -> str:
@@ -37,24 +81,35 @@ def default_data(tmp: str) -> str:
     return out
 
 
-def run_one(data: str, model: str, stage: str, steps: int, micro: int, out: str) -> dict:
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "1", "--master_port", str(29500 + os.getpid() % 1000),
+def run_one(data: str, model: str, stage: str, steps: int, micro: int, out: str, extra: tuple[str, ...] = (),
+            first_loss_only: bool = False) -> dict:
+    import torch
+
+    cmd = [sys.executable, "-m", "patchrec_dist.launch", "--nproc", "1", *([] if torch.cuda.is_available() else ["--cpu"]),
            "launchers/finetune.py", "--data", data, "--model", model, "--stage", stage, "--group-size", "5",
            "--output", out, "--max-steps", str(steps), "--micro-batch", str(micro), "--num-workers", "1",
-           "--max-history", "100", "--export", "false", "--lr", "1e-5", "--seed", "0", "--resume", "never"]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+           "--max-history", "100", "--export", "false", "--lr", "1e-5", "--seed", "0", "--resume", "never", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{model}/{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     from patchrec_dist.monitor.tensorboard import read_scalars
 
     s = read_scalars(os.path.join(out, "tb"))
+    if first_loss_only:  # the precision comparison
+        return {"loss": s["train/loss"][0][1]}
     skip = 2  # the first steps include DataLoader start-up and allocator warm-up
     med = {p: statistics.median(v for step, v in s[f"time/{p}"] if step > skip) for p in PARTS}
+    tokens = statistics.median(v for step, v in s["train/tokens_per_s"] if step > skip)
     positions = statistics.median(v for step, v in s["train/positions_per_s"] if step > skip)
     compression = statistics.median(v for _, v in s["train/compression"])
     return {"median_s": {k: round(v, 4) for k, v in med.items()}, "positions_per_s": round(positions, 1),
-            "compression": round(compression, 3), "steps": steps, "micro_batch": micro}
+            "tokens_per_s": round(tokens, 1), "compression": round(compression, 3), "steps": steps,
+            "micro_batch": micro}
+
+
+def mfu(tokens_per_s: float, params: int, device: str) -> float | None:
+    peak = next((f for name, f in PEAK_BF16_FLOPS.items() if name in device), None)
+    return round(6 * params * tokens_per_s / peak, 4) if peak and params else None
 
 
 def main() -> int:
@@ -63,8 +118,18 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--data", default=None, help="data set (default: MovieLens-100K from the recbole wheel)")
+    p.add_argument("--llama-layers", type=int, default=16, help="llama1b: depth (16 in Llama-3.2-1B)")
+    p.add_argument("--compare-precision", action="store_true", help="the first model: one step fp32, one bf16")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step.json"))
+    p.add_argument("--check-args", action="store_true", help="check the arguments and exit (bench/gpu_check.sh --dry-run)")
     args = p.parse_args()
+    if args.data and not Path(args.data, "manifest.json").exists():
+        p.error(f"--data {args.data}: no manifest.json there")
+    unknown = sorted(set(args.models.split(",")) - {"tiny", "smollm2", "llama1b"})
+    if unknown:
+        p.error(f"--models: unknown {', '.join(unknown)}; choose from tiny, smollm2, llama1b")
+    if args.check_args:
+        return 0
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
@@ -75,12 +140,21 @@ def main() -> int:
         data = args.data or default_data(tmp)
         result["data"] = args.data or "MovieLens-100K (recbole wheel), train split, 100-item window"
         for model in args.models.split(","):
-            row = {}
+            source = model_source(model, tmp, args.llama_layers)
+            row = {"parameters": parameters(source), **({"layers": args.llama_layers} if model == "llama1b" else {})}
             for stage in ("text", "pft-s"):
-                row[stage] = run_one(data, model, stage, args.steps, args.micro_batch, os.path.join(tmp, f"{model}-{stage}"))
+                row[stage] = run_one(data, source, stage, args.steps, args.micro_batch, os.path.join(tmp, f"{model}-{stage}"))
+                row[stage]["mfu"] = mfu(row[stage]["tokens_per_s"], row["parameters"], device)
                 print(f"{model} {stage}: {row[stage]['median_s']['step_s']:.3f} s/step", file=sys.stderr)
             row["pft_s_over_text_step_time"] = round(row["pft-s"]["median_s"]["step_s"] / row["text"]["median_s"]["step_s"], 3)
             result["runs"][model] = row
+        if args.compare_precision:
+            model = args.models.split(",")[0]
+            source = model_source(model, tmp, args.llama_layers)
+            losses = {name: run_one(data, source, "pft-s", 1, args.micro_batch, os.path.join(tmp, f"precision-{name}"),
+                                    ("--bf16", flag), first_loss_only=True)["loss"] for name, flag in (("fp32", "false"), ("bf16", "true"))}
+            result["precision"] = {"model": model, "stage": "pft-s", "first_step_loss": losses,
+                                   "relative_difference": round(abs(losses["bf16"] - losses["fp32"]) / losses["fp32"], 5)}
     result["target"] = {"pft_s_over_text_step_time": 0.25}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from patchrec_dist.train.checkpoint import (
     LATEST_FILE,
@@ -29,6 +30,7 @@ from patchrec_dist.train.checkpoint import (
     CheckpointManager,
     config_diff,
     config_hash,
+    read_by_rank,
     step_of_tag,
     tag_for_step,
 )
@@ -91,22 +93,31 @@ def test_check_compatible_refusals():
 # ---------------------------------------------------------------------------------------------
 # the commit protocol, in one process, with a stand-in engine (DeepSpeed itself: multiproc tests)
 class StandInEngine:
-    """Writes and reads files the way engine.save_checkpoint/load_checkpoint lay them out."""
+    """Writes and reads files the way engine.save_checkpoint/load_checkpoint lay them out: the
+    checkpoint files through its checkpoint engine, the recovery script by a plain copy."""
 
     class _Config:
         load_universal_checkpoint = False
 
+    class _TorchFiles:  # DeepSpeed's TorchCheckpointEngine, minus logging
+        def save(self, state_dict, path):
+            torch.save(state_dict, path)
+
+        def makedirs(self, path, exist_ok=False):
+            os.makedirs(path, exist_ok=exist_ok)
+
     def __init__(self, value: int = 0):
         self.value = value
         self._config = self._Config()
+        self.checkpoint_engine = self._TorchFiles()
         self.loaded: list[tuple[str, str, bool]] = []
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
         assert save_latest is False and client_state == {}
-        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        self.checkpoint_engine.makedirs(os.path.join(save_dir, tag), exist_ok=True)
         for kind in ("model", "optim"):
-            with open(os.path.join(save_dir, tag, f"zero_pp_rank_0_mp_rank_00_{kind}_states.pt"), "w") as f:
-                f.write(f"{kind}={self.value}")
+            path = os.path.join(save_dir, tag, f"zero_pp_rank_0_mp_rank_00_{kind}_states.pt")
+            self.checkpoint_engine.save({kind: self.value}, path)
         with open(os.path.join(save_dir, "zero_to_fp32.py"), "w") as f:
             f.write("# recovery script\n")
         return True
@@ -120,8 +131,7 @@ class StandInEngine:
             assert os.path.isfile(os.path.join(load_dir, tag, "zero", "optimizer_state.pt"))
             self.loaded.append((load_dir, tag, True))
             return path, {}
-        with open(path) as f:
-            self.value = int(f.read().split("=")[1])
+        self.value = torch.load(path)["model"]
         self.loaded.append((load_dir, tag, self._config.load_universal_checkpoint))
         return path, {}
 
@@ -212,6 +222,17 @@ def test_resume_semantics_and_abandoned_timeline(tmp_path):
     mgr2.save(engine, 4, _state(4))
     assert mgr2.complete_tags() == [TAGS[2], TAGS[4]]
     assert mgr2.latest_tag() == TAGS[4]
+
+
+def test_each_rank_reads_only_its_own_partition():
+    files = ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+             "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_10_mp_rank_00_optim_states.pt",
+             "mp_rank_00_model_states.pt", "rng_rank1.pt", "rng_rank10.pt", STATE_FILE, "universal/zero/x.pt"]
+    assert [f for f in files if read_by_rank(f, 1)] == [
+        "zero_pp_rank_1_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "mp_rank_00_model_states.pt", "rng_rank1.pt"]
+    assert [f for f in files if read_by_rank(f, 10, every_partition=True)] == [  # elastic ZeRO-1/2
+        *files[:5], "rng_rank10.pt"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +327,52 @@ def test_stop_flag_all_reduce_two_ranks_gloo():
     assert "rank=1 stop_at=3 local=True signal=SIGUSR1" in outs[1], outs
 
 
+_LONG_WORK = textwrap.dedent(
+    """
+    import datetime, os, sys, time
+    import torch.distributed as dist
+    from patchrec_dist.train.checkpoint import CheckpointError, CheckpointManager
+    rank, out, fail = int(sys.argv[1]), sys.argv[3], sys.argv[4] == "fail"
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=2))  # far below the work's 5 s
+    mgr = CheckpointManager(out)
+    marker = os.path.join(out, "done")
+
+    def work():
+        time.sleep(5)
+        if fail:
+            raise ValueError("the conversion broke")
+        open(marker, "w").close()
+
+    try:
+        mgr._rank0_while_others_poll(work, lambda: os.path.exists(marker), os.path.join(out, "failed"), poll_s=0.2)
+        print(f"rank={rank} done", flush=True)
+    except (CheckpointError, ValueError) as exc:
+        print(f"rank={rank} error={exc}", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("outcome", ["ok", "fail"])
+def test_long_rank0_work_is_awaited_by_polling_not_in_a_collective(tmp_path, outcome):
+    """Rank 0's 5 s of work (as ds_to_universal) with a 2 s collective timeout: the other rank polls
+    the output and carries on when it is done; a failure on rank 0 reaches it as an error."""
+    port = str(free_port())
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", _LONG_WORK, str(r), port, str(tmp_path), outcome], cwd=ROOT,
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    if outcome == "ok":
+        assert "rank=0 done" in outs[0] and "rank=1 done" in outs[1], outs
+    else:
+        assert "rank=0 error=the conversion broke" in outs[0], outs
+        assert "rank=1 error=rank 0 failed: ValueError: the conversion broke" in outs[1], outs
+
+
 # ---------------------------------------------------------------------------------------------
 # S3, in process: staging, upload, download into a fresh staging dir
 @pytest.mark.s3
@@ -325,7 +392,7 @@ def test_s3_save_load_with_staging(s3_env, tmp_path):
         "rng_rank0.pt", STATE_FILE, "zero_pp_rank_0_mp_rank_00_model_states.pt",
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
     ]
-    assert not any(p.is_file() for p in (tmp_path / "stage1").rglob("*"))  # staging cleaned up
+    assert not any(p.is_file() for p in (tmp_path / "stage1").rglob("*"))  # nothing staged: streamed
 
     other = CheckpointManager(url, staging_dir=str(tmp_path / "stage2"))
     fresh = StandInEngine()

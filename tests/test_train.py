@@ -214,13 +214,8 @@ def test_world_size_change_needs_universal_and_then_continues_the_data(learnable
 def test_resume_with_another_length_is_refused_unless_stretched(learnable_dataset, reference, tmp_path):
     """The reference run (10 steps) resumed from step 8 with --max-steps 12: refused, naming the flag
     (its LR and PPT schedules would change mid-run); with --schedule-change stretch it goes on to 12."""
-    import shutil
-
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
-    shutil.rmtree(out / "checkpoints" / "step_00000010")
-    (out / "checkpoints" / "latest").write_text("step_00000008\n")
-    (out / "DONE.json").unlink()
+    _resumable_from_step_8(reference, out)
     refused = launch(FINETUNE, flags(learnable_dataset, out, max_steps=12))
     assert refused.returncode not in (0, None)
     assert "--max-steps 10 -> 12 changes the run's length" in refused.output and "--schedule-change stretch" in \
@@ -231,6 +226,59 @@ def test_resume_with_another_length_is_refused_unless_stretched(learnable_datase
     assert json.loads((out / "DONE.json").read_text()) == {"step": 12, "total_steps": 12}
     lr = dict(read_scalars(str(out / "tb"))["train/lr"])
     assert sorted(lr) == list(range(1, 13)) and lr[12] == 0.0  # the cosine now ends at step 12
+
+
+def _resumable_from_step_8(reference: Path, out: Path) -> None:
+    import shutil
+
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000010")
+    (out / "checkpoints" / "latest").write_text("step_00000008\n")
+    (out / "DONE.json").unlink()
+
+
+def test_resume_with_another_deepspeed_config_is_refused_unless_accepted(learnable_dataset, reference, tmp_path):
+    """Other Adam betas (the optimisation itself) are refused, naming the key; a bucket size (speed
+    only) is not named; --ds-config-change accept continues."""
+    out = tmp_path / "run"
+    _resumable_from_step_8(reference, out)
+    ds = json.loads((Path(__file__).parents[1] / "ds_configs" / "zero3.json").read_text())
+    ds["optimizer"]["params"]["betas"] = [0.8, 0.99]
+    ds["zero_optimization"]["reduce_bucket_size"] = 1e6
+    changed = tmp_path / "zero3-betas.json"
+    changed.write_text(json.dumps(ds))
+    refused = launch(FINETUNE, flags(learnable_dataset, out, ds_config=changed))
+    assert refused.returncode not in (0, None)
+    assert "differs from the run's in optimizer.params.betas (" in refused.output, refused.tail()
+    assert "--ds-config-change accept" in refused.output and "reduce_bucket_size" not in refused.output
+    accepted = launch(FINETUNE, flags(learnable_dataset, out, ds_config=changed, ds_config_change="accept"))
+    ok(accepted, "resume with --ds-config-change accept")
+    assert json.loads((out / "DONE.json").read_text())["step"] == 10
+
+
+def test_ppt_curriculum_follows_global_progress_after_a_world_size_change(learnable_dataset, tmp_path):
+    """A PPT run on 2 ranks, resumed at step 4 on 1 rank (--universal): the resumed steps draw their
+    layouts at p of steps 4 and 5 of the 6-step schedule, as the uninterrupted run did; not at p of
+    step 0 (the stream restarts its batch count on the examples nobody consumed)."""
+    from patchrec_dist.patching.layouts import ppt_probability
+
+    ppt = dict(stage="ppt", max_steps=6, ppt_schedule="linear", log_examples="false")
+    ref = tmp_path / "ref"
+    ok(launch(FINETUNE, flags(learnable_dataset, ref, **ppt)), "PPT reference run")
+    want = dict(read_scalars(str(ref / "tb"))["train/ppt_p"])
+    assert want == pytest.approx({s: ppt_probability(s - 1, 6) for s in range(1, 7)})
+
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    (out / "checkpoints" / "latest").write_text("step_00000004\n")
+    (out / "DONE.json").unlink()
+    resumed = launch(FINETUNE, flags(learnable_dataset, out, universal="true", **ppt), nprocs=1)
+    ok(resumed, "universal PPT resume on 1 rank")
+    got = dict(read_scalars(str(out / "tb"))["train/ppt_p"])
+    assert {s: got[s] for s in (5, 6)} == pytest.approx({5: want[5], 6: want[6]})
 
 
 @pytest.mark.s3

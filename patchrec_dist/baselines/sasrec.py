@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patchrec_dist.train.distributed import local_device
+
 IGNORE = -100  # label of a position that is not a training target
 
 
@@ -132,7 +134,7 @@ def fit_sasrec(users: list[UserSequence], n_items: int, cfg: SASRecConfig,
                log: bool = True) -> tuple[SASRec, FitReport]:
     """Train a SASRec on the users' train targets; returns the model (in eval mode) and a report."""
     torch.manual_seed(cfg.seed)
-    model = SASRec(n_items, cfg)
+    model = SASRec(n_items, cfg).to(local_device())  # this rank's GPU where there is one
     windows = [w for user in users for w in training_windows(user, cfg.max_len)]
     targets = int(sum((labels != IGNORE).sum() for _, labels in windows))
     if targets == 0:
@@ -159,6 +161,8 @@ def _train_epoch(model: SASRec, optimizer: torch.optim.Optimizer, windows: list,
     total, count = 0.0, 0
     for i in range(0, len(order), cfg.batch_size):
         ids, labels = _pad_batch([windows[j] for j in order[i : i + cfg.batch_size]])
+        device = next(model.parameters()).device
+        ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         keep = labels != IGNORE
         # logits only where there is a target: padding and masked positions cost no softmax
         logits = model.item_logits(model(ids)[keep])
@@ -177,7 +181,8 @@ def sasrec_scores(model: SASRec, histories: list[np.ndarray]) -> np.ndarray:
     cut = [np.asarray(h, dtype=np.int64)[-model.max_len :] for h in histories]
     if any(len(h) == 0 for h in cut):
         raise ValueError("SASRec needs at least one history item per example")
+    device = next(model.parameters()).device
     ids, _ = _pad_batch([(h + 1, h) for h in cut])
-    last = torch.tensor([len(h) - 1 for h in cut])
-    states = model(ids)[torch.arange(len(cut)), last]
-    return model.item_logits(states).numpy()
+    last = torch.tensor([len(h) - 1 for h in cut], device=device)
+    states = model(ids.to(device))[torch.arange(len(cut), device=device), last]
+    return model.item_logits(states).float().cpu().numpy()

@@ -409,7 +409,7 @@ class StreamLoader:
                                    self.batches_done, self.transform, self.storage_options)
             loader = DataLoader(
                 stream, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
-                collate_fn=self.collate_fn, persistent_workers=False,
+                collate_fn=self.collate_fn, persistent_workers=False, pin_memory=torch.cuda.is_available(),
                 prefetch_factor=self.prefetch_factor if self.cfg.num_workers > 0 else None,
                 multiprocessing_context="fork" if self.cfg.num_workers > 0 else None,
                 worker_init_fn=_worker_ignores_stop_signals if self.cfg.num_workers > 0 else None,

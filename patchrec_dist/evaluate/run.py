@@ -30,7 +30,8 @@ from patchrec_dist.model.load import (
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import LayoutSpec
 from patchrec_dist.patching.prompt import build_prompt_tokens, resolve_template
-from patchrec_dist.train.config import STAGES, _f
+from patchrec_dist.train.config import ATTN_IMPLEMENTATIONS, STAGES, _f, check_attn_implementation
+from patchrec_dist.train.distributed import init_distributed
 
 
 @dataclass
@@ -57,6 +58,10 @@ class EvalConfig:
     num_workers: int = _f(1, "DataLoader workers per rank")
     dist_timeout_s: int = _f(600, "collective timeout")
     tb_step: int | None = _f(None, "step for the eval/ TensorBoard scalars (default: the run's last step)")
+    dtype: str = _f("auto", "weights and activations: auto (bfloat16 on GPUs, float32 on CPU), bfloat16, float16 or "
+                    "float32", choices=("auto", "bfloat16", "float16", "float32"))
+    attn_implementation: str = _f("sdpa", "attention kernel: sdpa, flash_attention_2 (needs flash-attn) or eager",
+                                  choices=ATTN_IMPLEMENTATIONS)
 
     def check(self) -> None:
         if not self.data:
@@ -70,6 +75,7 @@ class EvalConfig:
             raise ValueError(f"--beams ({self.beams}) must be >= --top-k ({self.top_k})")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError("--max-examples must be >= 1")
+        check_attn_implementation(self.attn_implementation)
 
     def output_dir(self) -> str:
         return self.output or storage.join(self.run or self.model, f"eval-{self.split}")
@@ -91,15 +97,12 @@ def layout_for(cfg: EvalConfig, run_cfg: dict[str, Any]) -> LayoutSpec:
                       session_gap=run_cfg.get("session_gap"), max_session_items=run_cfg.get("max_session_items"))
 
 
-def _dist() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        import datetime
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=600))
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def eval_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto is bf16 on GPUs (half the memory and twice the speed of fp32; what training
+    ran in there) and fp32 on CPU, where bf16 matmuls are slow."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -110,8 +113,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from patchrec_dist.evaluate.metrics import Prediction, finalize, format_table, score_sums
     from patchrec_dist.evaluate.trie import TitleTrie
 
-    rank, world = _dist()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    rank, world, device = init_distributed(cfg.dist_timeout_s, deepspeed_comm=False)
     manifest = load_manifest(cfg.data)
     titles = catalog_titles(manifest)
     model_source = storage.join(cfg.run, "final") if cfg.run else cfg.model
@@ -123,7 +125,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     # same additions and mean-initialised rows as training gives it, so "untrained" is comparable.
     tokenizer = with_patchrec_vocabulary(AutoTokenizer.from_pretrained(model_dir))
     tokens = build_prompt_tokens(tokenizer, template, titles)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=eval_dtype(cfg.dtype, device),
+                                                 attn_implementation=cfg.attn_implementation)
     resize_for_tokenizer(model, len(tokenizer), zero3=False)
     model = model.to(device).eval()
     spec = layout_for(cfg, run_cfg)

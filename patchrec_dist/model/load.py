@@ -137,9 +137,10 @@ def build_model(cfg: Any, tokenizer: Any, ds_config: dict[str, Any], work_dir: s
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None  # must outlive model creation
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    attn = {"attn_implementation": cfg.attn_implementation}
     torch.manual_seed(cfg.seed)
     if cfg.init:
-        model = AutoModelForCausalLM.from_pretrained(run_export_dir(cfg.init), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(run_export_dir(cfg.init), dtype=dtype, **attn)
     elif cfg.model == "tiny":
         from patchrec_dist.model.tiny import tiny_llama_config
 
@@ -147,11 +148,11 @@ def build_model(cfg: Any, tokenizer: Any, ds_config: dict[str, Any], work_dir: s
         config.pad_token_id = tokenizer.pad_token_id
         config.bos_token_id = tokenizer.bos_token_id
         config.eos_token_id = tokenizer.eos_token_id
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attn)
     else:
         source = resolve_model_source(cfg.model, work_dir)
         AutoConfig.from_pretrained(source)  # a clear error for a wrong path before the heavy load
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **attn)
     resize_for_tokenizer(model, len(tokenizer), zero3)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()

@@ -38,6 +38,16 @@ def tiny_llama_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, h
                        rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=0)
 
 
+def llama_1b_config(vocab_size: int = 128_256, layers: int = 16):
+    """Llama-3.2-1B's shape (hidden 2048, 32 heads, 8 KV heads, MLP 8192, tied embeddings) for
+    random-weight benchmarks; LAYERS below 16 makes a shallower model of the same width."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500_000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
 def save_tiny_model(folder: str, titles: Iterable[str], vocab_size: int = 1024, hidden_size: int = 64,
                     layers: int = 2, seed: int = 0) -> str:
     """Write a random tiny Llama and its title tokenizer as an ordinary HF folder: what `--model

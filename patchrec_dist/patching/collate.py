@@ -25,12 +25,13 @@ class Batch:
     patches: PatchIndex
     num_examples: int  # rows that are real examples (not remainder padding)
     label_tokens: int  # labelled tokens in the batch: the weight of this micro-batch's loss
-    answer_positions: torch.Tensor  # (K,) long: predicted_positions(labels), the only logits the loss needs
+    answer_positions: torch.Tensor  # (N, 2) long (row, position): predicted_positions(labels), the only logits read
     row_positions: list[tuple[int, int]] = field(default_factory=list)  # (history, all-text) positions per row
     pads: list[bool] = field(default_factory=list)  # rows that only fill the last batch (remainder="pad")
     indices: list[int] = field(default_factory=list)  # examples' positions in the epoch order
     examples: list[tuple[str, int]] = field(default_factory=list)  # (user, target position) per row
     targets: list[int] = field(default_factory=list)
+    ppt_steps: list[int] = field(default_factory=list)  # per row: the PPT schedule's step of its layout (-1: none)
 
     @property
     def history_positions(self) -> int:
@@ -46,20 +47,28 @@ class Batch:
     def compression(self) -> float:
         return self.history_positions / max(1, self.text_positions)
 
-    def to(self, device: torch.device | str) -> Batch:
-        return dataclasses.replace(self, input_ids=self.input_ids.to(device),
-                                   attention_mask=self.attention_mask.to(device), labels=self.labels.to(device),
-                                   patches=self.patches.to(device), answer_positions=self.answer_positions.to(device))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking),
+                         lambda p: p.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Lets ``DataLoader(pin_memory=True)`` pin a batch, so its copy to the GPU can overlap."""
+        return self._map(lambda t: t.pin_memory(), lambda p: p.pin_memory())
+
+    def _map(self, fn, fn_patches) -> Batch:
+        return dataclasses.replace(self, input_ids=fn(self.input_ids), attention_mask=fn(self.attention_mask),
+                                   labels=fn(self.labels), patches=fn_patches(self.patches),
+                                   answer_positions=fn(self.answer_positions))
 
 
 def predicted_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Sequence positions whose next token is labelled in some row: the only logits the loss needs.
+    """(row, position) pairs whose next token is labelled: the only logits the loss needs, row by row.
 
     Answers are a title and an end-of-turn token at the end of a long prompt; projecting every
-    position onto the vocabulary (49k rows for SmolLM2) would spend a fifth of the step's FLOPs
-    and most of its activation memory on logits nobody reads. Computed at collation (in the data
-    workers), so the training step does not wait on it."""
-    return torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).squeeze(1)
+    position onto the vocabulary (49k rows for SmolLM2, 128k for Llama-3) would spend a fifth of the
+    step's FLOPs and most of its activation memory on logits nobody reads (model/answer_logits.py).
+    Computed at collation (in the data workers), so the training step does not wait on it."""
+    return torch.nonzero(labels[:, 1:] != IGNORE_INDEX)
 
 
 @dataclass
@@ -121,5 +130,5 @@ def collate_features(feats: list[Features], tokens: PromptTokens, padding_side: 
         answer_positions=predicted_positions(label_tensor),
         row_positions=[(f.history_positions, f.text_positions) for f in feats],
         pads=[f.pad for f in feats], indices=[f.index for f in feats], examples=[(f.user, f.position) for f in feats],
-        targets=[f.target for f in feats],
+        targets=[f.target for f in feats], ppt_steps=[f.ppt_step for f in feats],
     )

@@ -41,6 +41,7 @@ class Features:
     pad: bool = False  # a filler example (remainder="pad"): no labels
     user: str = ""
     position: int = -1
+    ppt_step: int = -1  # ppt: the optimizer step of the schedule its layout was drawn at (-1: no draw)
 
     @property
     def num_patches(self) -> int:
@@ -120,7 +121,7 @@ class Patcher:
     seed: int = 42
     total_steps: int = 1
     grad_accum: int = 1
-    micro_step_offset: int = 0  # micro-batches before the current epoch; set by the trainer
+    micro_step_offset: int = 0  # global micro-batch index of this epoch's batch 0; set by the trainer
     #: ppt: draw every example at this optimizer step instead of its batch's (validation at step N
     #: sees the layouts training sees at step N)
     fixed_step: int | None = None
@@ -134,15 +135,22 @@ class Patcher:
     def layout(self, ex: Example) -> LayoutArrays:
         n = len(ex.history)
         if self.spec.stage == "ppt":
-            step = self.fixed_step if self.fixed_step is not None else \
-                (self.micro_step_offset + ex.batch) // max(1, self.grad_accum)
-            p = ppt_probability(step, self.total_steps, self.ppt_schedule, self.ppt_p_max)
+            p = ppt_probability(self.ppt_step(ex), self.total_steps, self.ppt_schedule, self.ppt_p_max)
             return layout_arrays(self.spec, n, p=p, rng=ppt_rng(self.seed, ex.epoch, ex.index))
         lens = self._title_lens[ex.history] if self.spec.stage == "budget" else None
         return layout_arrays(self.spec, n, title_lens=lens, times=ex.times)
 
+    def ppt_step(self, ex: Example) -> int:
+        """The optimizer step EX trains at: the global micro-batch index of its batch over grad_accum
+        (micro_step_offset is the global index of this epoch's batch 0, kept by the trainer)."""
+        if self.fixed_step is not None:
+            return self.fixed_step
+        return (self.micro_step_offset + ex.batch) // max(1, self.grad_accum)
+
     def __call__(self, ex: Example) -> list[Features]:
         out = [self._features(ex, self.layout(ex))]
+        if self.spec.stage == "ppt":
+            out[0].ppt_step = self.ppt_step(ex)
         if self.spec.stage == "ppt" and self.ppt_pair_text:
             out.append(self._features(ex, layout_arrays(LayoutSpec(stage="text"), len(ex.history))))
         return out

@@ -21,25 +21,24 @@ DeepSpeed tools: ``engine.load_checkpoint(OUTPUT/checkpoints)`` and
 Commit protocol (what makes an interrupted save harmless):
 
 1. rank 0 removes any earlier content of the tag (a re-save replaces it), then all ranks agree;
-2. every rank calls ``engine.save_checkpoint(dir, tag=tag, client_state={}, save_latest=False)``
-   and writes its RNG file (remote output: into a local staging dir, then uploaded);
-3. barrier; then rank 0 writes ``state.json`` (with the list and sizes of every file of the
-   checkpoint), then ``latest`` (atomic: temp file + rename locally, a single PUT on S3);
-4. rank 0 deletes old checkpoints beyond ``keep_last`` (their ``state.json`` first), barrier.
+2. every rank calls ``engine.save_checkpoint`` and writes its RNG file, each file straight to its
+   place in the output (:class:`RankFileWriter`: a URL output streams each file into the object
+   store as torch serialises it; nothing is staged on local disk, no rank uploads for another);
+3. every rank reports the files it wrote and their sizes (one all_gather); rank 0 writes
+   ``state.json`` listing the union, then ``latest`` (atomic: temp file + rename locally, a
+   single PUT on S3);
+4. rank 0 deletes old checkpoints beyond ``keep_last`` (their ``state.json`` first).
 
 A checkpoint is *complete* when its ``state.json`` exists and every file it lists exists with
 the listed size. A crash anywhere before step 3 leaves ``latest`` on the previous checkpoint and
 the new directory without ``state.json``, i.e. incomplete, never loaded and pruned later.
 
-Remote outputs and staging. DeepSpeed writes only to local paths. For a URL output each rank
-saves into ``STAGING/<hash of output>/save-<nonce>/`` where STAGING is the ``staging_dir``
-argument, else ``$PATCHREC_STAGING``, else ``<system temp>/patchrec_dist-staging``. Ranks that
-see the same staging directory (all ranks of a node, the common case; or every rank if it
-lives on a shared filesystem) elect one uploader (the lowest rank that sees it; each rank drops
-a token file there, so no hostname logic is needed), which uploads everything in it. Multi-node
-assumption: each node's staging dir holds what that node's ranks wrote, and that node's
-uploader uploads exactly that; the union over nodes is the whole checkpoint. Loading mirrors
-this: one rank per staging dir downloads the checkpoint, then every rank loads from its copy.
+Loading reads only what a rank needs (:func:`read_by_rank`): under ZeRO-3 each rank fetches its
+own partition files (and its RNG file) from a URL output into its own staging folder, in
+parallel with the others; the rank-independent state is read once, by rank 0. Staging lives
+under the ``staging_dir`` argument, else ``$PATCHREC_STAGING``, else
+``<system temp>/patchrec_dist-staging``. A universal checkpoint (every rank reads every
+parameter's fp32 file) is downloaded once per node instead.
 
 Collectives. :meth:`CheckpointManager.save`, :meth:`~CheckpointManager.load`,
 :meth:`~CheckpointManager.resolve_resume` and :meth:`~CheckpointManager.convert_to_universal`
@@ -528,36 +527,25 @@ class CheckpointManager:
             return uuid.uuid4().hex[:12]
 
         nonce = _on_rank0(clear)
-        if self.remote:
-            local_root = os.path.join(self.staging, f"save-{tag}-{nonce}")
-        else:
-            local_root = self.root
-        local_dir = os.path.join(local_root, tag)
-        os.makedirs(local_dir, exist_ok=True)
+        # DeepSpeed names files by local paths: a remote output's are this rank's own mirror of
+        # checkpoints/, and the writer streams each file to the same place under the URL instead
+        local_root = os.path.join(self.staging, f"save-{tag}-{nonce}", f"rank{rank}") if self.remote else self.root
+        os.makedirs(os.path.join(local_root, tag), exist_ok=True)
 
-        # 2. DeepSpeed's files and this rank's RNG state
-        engine.save_checkpoint(local_root, tag=tag, client_state={}, save_latest=False)
-        rng_path = os.path.join(local_dir, RNG_FILE.format(rank=rank))
-        torch.save(_rng_state(), rng_path + f".tmp-{os.getpid()}")
-        os.replace(rng_path + f".tmp-{os.getpid()}", rng_path)
+        # 2. every rank writes its own files (DeepSpeed's and its RNG state) straight to the output
+        writer = RankFileWriter(local_root, self.root if self.remote else None, self.storage_options)
+        writer.save_engine(engine, tag)
+        writer.save(_rng_state(), os.path.join(local_root, tag, RNG_FILE.format(rank=rank)))
+        if self.remote and rank == 0:  # DeepSpeed copies zero_to_fp32.py & co. beside the tags
+            for name in os.listdir(local_root):
+                if os.path.isfile(os.path.join(local_root, name)):
+                    writer.upload(os.path.join(local_root, name))
         if self.after_engine_save is not None:
             self.after_engine_save(rank, tag)
+        files = _gather_files(writer.written(tag))  # every rank reports what it wrote, and its size
 
-        if self.remote:
-            uploader = _elect(local_root)  # includes the barrier: every rank finished writing
-            if uploader:
-                self._upload_dir(local_dir, ckpt_url)
-                # DeepSpeed (rank 0) also writes zero_to_fp32.py / zero_to_torch.py beside the tags
-                for name in os.listdir(local_root):
-                    src = os.path.join(local_root, name)
-                    if os.path.isfile(src) and ".tmp-" not in name:
-                        self._put(src, join(self.root, name))
-        _barrier()  # every rank's files are in place (uploaded)
-
-        # 3. commit: state.json, then latest; 4. prune
+        # 3. commit: state.json (the union of the reports), then latest; 4. prune
         def commit() -> None:
-            files = self._files_with_sizes(ckpt_url)
-            files = {f: s for f, s in files.items() if f != STATE_FILE and not f.startswith(_TOKENS_DIR)}
             record["checkpoint"] = {
                 "format": STATE_FORMAT,
                 "files": files,
@@ -571,11 +559,12 @@ class CheckpointManager:
             self._prune(tag)
 
         _on_rank0(commit)
-        if self.remote and uploader:
-            shutil.rmtree(local_root, ignore_errors=True)
+        if self.remote:
+            shutil.rmtree(os.path.dirname(local_root), ignore_errors=True)
         self._current_tag = tag
         if rank == 0:
-            log.info("saved checkpoint %s in %.1f s", ckpt_url, time.monotonic() - t0)
+            log.info("saved checkpoint %s (%.2f GB) in %.1f s", ckpt_url, sum(files.values()) / 1e9,
+                     time.monotonic() - t0)
         return tag
 
     def _upload_dir(self, local_dir: str, url: str) -> None:
@@ -589,10 +578,6 @@ class CheckpointManager:
                 rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
                 dst = posixpath.join(path, rel)
                 with_retries(lambda s=src, d=dst: fs.put_file(s, d), f"uploading {src} to {url}")
-
-    def _put(self, src: str, url: str) -> None:
-        fs, path = self._fs(url)
-        with_retries(lambda: fs.put_file(src, path), f"uploading {src} to {url}")
 
     def _download_dir(self, url: str, local_dir: str, skip: Callable[[str], bool] = lambda rel: False) -> None:
         rels = [rel for rel in self._files_with_sizes(url) if not skip(rel)]
@@ -664,13 +649,20 @@ class CheckpointManager:
         name = posixpath.basename(url.rstrip("/"))
         if is_local(url):
             local_ckpt, staged = url, None
-        else:
+        elif universal:  # every rank reads every parameter's fp32 file: one download per node
             staged = os.path.join(self.staging, f"load-{name}-{_broadcast(uuid.uuid4().hex[:12])}")
             local_ckpt = os.path.join(staged, name)
             os.makedirs(local_ckpt, exist_ok=True)
             if _elect(staged):
                 self._download_dir(url, local_ckpt, skip=lambda rel: not _needed_for_load(rel, universal))
             _barrier()
+        else:  # each rank fetches only the files it reads (its own ZeRO partition), in parallel
+            staged = os.path.join(self.staging, f"load-{name}-{_broadcast(uuid.uuid4().hex[:12])}", f"rank{_rank()}")
+            local_ckpt = os.path.join(staged, name)
+            os.makedirs(local_ckpt, exist_ok=True)
+            every_partition = bool(getattr(engine, "zero_elastic_checkpoint", lambda: False)())
+            rels = [rel for rel in state["checkpoint"]["files"] if read_by_rank(rel, _rank(), every_partition)]
+            download_files(url, rels, local_ckpt, self.storage_options)
 
         if universal:
             load_dir, load_tag = local_ckpt, UNIVERSAL_DIR
@@ -701,7 +693,7 @@ class CheckpointManager:
                         rank, url, state.get("world_size"))
         _barrier()
         if staged is not None:
-            shutil.rmtree(staged, ignore_errors=True)
+            shutil.rmtree(staged if universal else os.path.dirname(staged), ignore_errors=True)
         self._current_tag = name if url == self.tag_url(name) else None
         return state
 
@@ -712,9 +704,10 @@ class CheckpointManager:
     def convert_to_universal(self, ckpt: str) -> str:
         """Convert a complete checkpoint (tag or dir) with DeepSpeed's ``ds_to_universal`` into
         ``<ckpt>/universal`` (+ marker ``<ckpt>/latest_universal``, written last); returns the
-        universal dir's URL. Collective when a process group exists (rank 0 converts, the others
-        wait; a remote checkpoint is downloaded to staging, converted, uploaded). Also callable
-        offline in a single process."""
+        universal dir's URL. Collective when a process group exists: rank 0 converts (a remote
+        checkpoint is downloaded to staging, converted, uploaded) while the others poll the output
+        for the marker, not in a collective, whose timeout a large model's conversion outlasts.
+        Also callable offline in a single process (convert once before a large resume)."""
         url = self._resolve_ref(ckpt)
 
         def work() -> str:
@@ -750,7 +743,138 @@ class CheckpointManager:
             log.info("converted %s to a universal checkpoint in %.1f s", url, time.monotonic() - t0)
             return join(url, UNIVERSAL_DIR)
 
-        return _on_rank0(work)
+        marker = join(url, UNIVERSAL_MARKER)
+        self._rank0_while_others_poll(work, lambda: self._exists(marker), join(url, ".universal-failed"))
+        return join(url, UNIVERSAL_DIR)
+
+    def _rank0_while_others_poll(self, work: Callable[[], Any], done: Callable[[], bool], failed_url: str,
+                                 poll_s: float = 2.0) -> None:
+        """Rank 0 runs WORK, long single-handed work that publishes its result in the output; the
+        other ranks poll DONE instead of waiting in a collective, whose timeout (--dist-timeout-s)
+        the work may outlast. A failure on rank 0 is written to FAILED_URL (unique per call), so
+        they raise too; a dead rank 0 ends the job through the launcher."""
+        d = _dist()
+        if not d or d.get_world_size() == 1:
+            work()
+            return
+        failed_url = f"{failed_url}-{_broadcast(uuid.uuid4().hex[:12])}"
+        if d.get_rank() == 0:
+            try:
+                work()
+            except Exception as exc:
+                write_bytes_atomic(failed_url, f"{type(exc).__name__}: {exc}".encode(), self.storage_options)
+                raise
+            return
+        while not done():
+            error = self._read_text(failed_url)
+            if error is not None:
+                raise CheckpointError(f"rank 0 failed: {error}")
+            time.sleep(poll_s)
+
+
+class RankFileWriter:
+    """Writes one rank's checkpoint files to their place in the output and records their sizes.
+
+    DeepSpeed writes every file through ``engine.checkpoint_engine.save(state_dict, path)``; for
+    the duration of one save the engine's checkpoint engine is wrapped so that a path under
+    LOCAL_ROOT goes to the same place under URL_ROOT instead (a remote output: torch.save
+    streams into the fsspec file, which uploads it in parts, so no local copy and no second
+    pass) or stays where it is (a local output: the wrapped engine writes it as before)."""
+
+    def __init__(self, local_root: str, url_root: str | None, storage_options: dict[str, Any] | None = None):
+        self.local_root, self.url_root, self.storage_options = local_root, url_root, storage_options
+        self._sizes: dict[str, int] = {}
+
+    def _target(self, path: str) -> str:
+        rel = os.path.relpath(path, self.local_root).replace(os.sep, "/")
+        if rel.startswith("../"):
+            raise CheckpointError(f"DeepSpeed wrote {path}, outside the checkpoint folder {self.local_root}")
+        return posixpath.join(self.url_root, rel) if self.url_root else path
+
+    def save(self, obj: Any, path: str, save_local: Callable[[Any, str], None] | None = None) -> None:
+        """torch.save OBJ as PATH (a path under LOCAL_ROOT); SAVE_LOCAL writes it for a local output."""
+        target = self._target(path)
+        if self.url_root is None:
+            if save_local is not None:
+                save_local(obj, path)
+            else:  # our own files are atomic (DeepSpeed's are covered by state.json, written last)
+                torch.save(obj, f"{path}.tmp-{os.getpid()}")
+                os.replace(f"{path}.tmp-{os.getpid()}", path)
+            size = os.path.getsize(path)
+        else:
+            fs, fs_path = filesystem_for(target, self.storage_options)
+
+            def stream() -> int:
+                with fs.open(fs_path, "wb") as f:
+                    torch.save(obj, f)
+                    return f.tell()
+
+            size = with_retries(stream, f"writing {target}")
+        self._sizes[os.path.relpath(path, self.local_root).replace(os.sep, "/")] = int(size)
+
+    def upload(self, path: str) -> None:
+        """A file that DeepSpeed copied into LOCAL_ROOT by itself (not through its checkpoint engine)."""
+        fs, fs_path = filesystem_for(self._target(path), self.storage_options)
+        with_retries(lambda: fs.put_file(path, fs_path), f"uploading {path}")
+
+    def save_engine(self, engine: Any, tag: str) -> None:
+        """ENGINE.save_checkpoint(LOCAL_ROOT, tag) with every file going through this writer."""
+        inner = engine.checkpoint_engine
+        engine.checkpoint_engine = _CheckpointEngineThrough(self, inner)
+        try:
+            engine.save_checkpoint(self.local_root, tag=tag, client_state={}, save_latest=False)
+        finally:
+            engine.checkpoint_engine = inner
+
+    def written(self, tag: str) -> dict[str, int]:
+        """{path relative to the checkpoint folder: bytes} of the files this rank wrote into TAG."""
+        prefix = tag + "/"
+        return {rel[len(prefix):]: n for rel, n in self._sizes.items() if rel.startswith(prefix)}
+
+
+class _CheckpointEngineThrough:
+    """DeepSpeed's checkpoint-engine interface, with ``save`` going through a RankFileWriter and
+    the rest (create, makedirs, commit, load) left to the engine it wraps. Not decoupled: a
+    file is written when ``save`` returns, so the commit that follows the save may list it."""
+
+    def __init__(self, writer: RankFileWriter, inner: Any):
+        self._writer, self._inner = writer, inner
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self._writer.save(state_dict, path, save_local=self._inner.save)
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _gather_files(mine: dict[str, int]) -> dict[str, int]:
+    """Collective: the union of every rank's {file: size} report (each rank names its own files)."""
+    d = _dist()
+    if not d or d.get_world_size() == 1:
+        return dict(mine)
+    reports: list[Any] = [None] * d.get_world_size()
+    d.all_gather_object(reports, mine)
+    return {rel: size for report in reports for rel, size in report.items()}
+
+
+_PARTITION_RE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def read_by_rank(rel: str, rank: int, every_partition: bool = False) -> bool:
+    """Whether RANK's engine.load_checkpoint reads file REL of a (non-universal) checkpoint.
+
+    DeepSpeed's ZeRO-3 load opens only the rank's own ``zero_pp_rank_<rank>_*`` files (model
+    states and optimizer partition); ZeRO-1/2's model file (``mp_rank_00_model_states.pt``) is
+    read by all; an elastic ZeRO-1/2 checkpoint reads every rank's optimizer partition."""
+    if rel == STATE_FILE or rel.startswith(UNIVERSAL_DIR + "/") or rel == UNIVERSAL_MARKER:
+        return False
+    if rel.startswith("rng_rank"):
+        return rel == RNG_FILE.format(rank=rank)
+    m = _PARTITION_RE.search(rel)
+    return m is None or every_partition or int(m.group(1)) == rank
 
 
 def _needed_for_load(rel: str, universal: bool) -> bool:
@@ -776,8 +900,10 @@ __all__ = [
     "STATE_FILE",
     "CheckpointError",
     "CheckpointManager",
+    "RankFileWriter",
     "config_diff",
     "config_hash",
+    "read_by_rank",
     "step_of_tag",
     "tag_for_step",
 ]

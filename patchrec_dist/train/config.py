@@ -22,6 +22,7 @@ import yaml
 from patchrec_dist.patching.layouts import LayoutSpec
 
 STAGES = ("text", "ppt", "pft-i", "pft-s", "budget")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -50,7 +51,9 @@ class TrainConfig:
     lora_rank: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha")
     lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names for LoRA")
-    bf16: bool = _f(False, "bf16 weights and activations")
+    bf16: bool | None = _f(None, "bf16 weights and activations (default: on with CUDA, off on CPU)")
+    attn_implementation: str = _f("sdpa", "attention kernel: sdpa, flash_attention_2 (needs flash-attn) or eager",
+                                  choices=ATTN_IMPLEMENTATIONS)
     grad_checkpointing: bool = _f(False, "recompute activations in backward")
     # stage
     stage: str = _f("pft-s", "layout: text, ppt, pft-i, pft-s or budget", choices=STAGES)
@@ -69,6 +72,9 @@ class TrainConfig:
     schedule_change: str = _f("refuse", "a resume with other --max-steps/--epochs: refuse, or stretch the LR and "
                               "PPT schedules over the new length from the resumed step",
                               choices=("refuse", "stretch"))
+    ds_config_change: str = _f("refuse", "a resume with another DeepSpeed config (outside speed and memory "
+                               "settings): refuse, or accept it from the resumed step on",
+                               choices=("refuse", "accept"))
     micro_batch: int = _f(16, "examples per rank per micro-step")
     grad_accum: int = _f(1, "micro-steps per optimizer step")
     lr: float = _f(8e-6, "peak learning rate")
@@ -107,6 +113,7 @@ class TrainConfig:
             raise ValueError("--epochs must be > 0 when --max-steps is 0")
         if self.max_history is not None and self.max_history < 0:
             raise ValueError(f"--max-history must be >= 0; got {self.max_history}")
+        check_attn_implementation(self.attn_implementation)
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"--split {self.split!r}: expected train, val or test")
         try:
@@ -130,7 +137,17 @@ class TrainConfig:
 # Fields that may differ between an interrupted run and its resumption.
 RESUME_NEUTRAL = {"resume", "universal", "num_workers", "log_every", "log_examples", "output", "save_every", "keep_last",
                   "eval_every", "eval_batches", "dist_timeout_s", "export", "ds_config", "max_steps", "epochs",
-                  "schedule_change"}
+                  "schedule_change", "ds_config_change", "attn_implementation"}
+
+
+def check_attn_implementation(name: str) -> None:
+    """--attn-implementation flash_attention_2 without the flash-attn package fails here, naming the flag."""
+    if name == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("--attn-implementation flash_attention_2 needs the flash-attn package "
+                             "(pip install flash-attn, on a GPU node); use sdpa")
 
 
 def _base_type(tp: Any) -> tuple[type, bool]:

@@ -1,20 +1,160 @@
-"""A run's checkpoint -> a standard Hugging Face model folder (safetensors, config, tokenizer,
+"""A run's weights -> a standard Hugging Face model folder (sharded safetensors, config, tokenizer,
 generation config) that AutoModelForCausalLM.from_pretrained loads, and `--init` accepts.
 
-ZeRO-3 checkpoints hold partitioned fp32 shards; DeepSpeed's zero_to_fp32 reassembles them
-offline (no ranks needed), then the weights go into a model built from the run's saved config.
+Two ways in, one way out (:class:`SafetensorsShardWriter`, a shard at a time, in the run's dtype):
+
+- at the end of training (:func:`export_from_engine`, collective): ZeRO-3 gathers one parameter at
+  a time on every rank; rank 0 casts it to the training dtype (bf16 when trained in bf16) and
+  adds it to the current shard. Memory on rank 0 is one shard (2 GB by default), not the model;
+  no second model is built.
+- from any checkpoint, offline (:func:`export_run`, ``tools/export_hf.py``): DeepSpeed's
+  zero_to_fp32 reassembles each fp32 tensor lazily from the partition files, one at a time.
+
+LoRA runs are merged into the base weights (W + B A * alpha / r) by name, tensor by tensor; or,
+offline with ``merge_lora=False``, written as an adapter folder with the base model in ``base/``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
+
 from patchrec_dist.data import storage
+
+SHARD_BYTES = 2 * 2**30
+PEFT_PREFIX = "base_model.model."
+_LORA_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.default\.weight$")
+
+
+class SafetensorsShardWriter:
+    """Writes (name, tensor) pairs into FOLDER as ``model-0000i-of-0000n.safetensors`` shards of at
+    most SHARD_BYTES plus ``model.safetensors.index.json`` (one shard: ``model.safetensors``),
+    the layout ``save_pretrained`` writes. Tensors are held until their shard is full."""
+
+    def __init__(self, folder: str, shard_bytes: int = SHARD_BYTES):
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self._shard: dict[str, torch.Tensor] = {}
+        self._bytes = 0
+        self._written: list[tuple[str, list[str], int]] = []  # (temp file, names, bytes)
+        os.makedirs(folder, exist_ok=True)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._shard and self._bytes + size > self.shard_bytes:
+            self._flush()
+        self._shard[name] = tensor.contiguous()
+        self._bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.folder, f".shard-{len(self._written):05d}.safetensors")
+        save_file(self._shard, path, metadata={"format": "pt"})
+        self._written.append((path, list(self._shard), self._bytes))
+        self._shard, self._bytes = {}, 0
+
+    def close(self) -> int:
+        """Names the shards and writes the index; returns the total bytes of the weights."""
+        if self._shard or not self._written:
+            self._flush()
+        n = len(self._written)
+        total = sum(b for *_, b in self._written)
+        if n == 1:
+            os.replace(self._written[0][0], os.path.join(self.folder, "model.safetensors"))
+            return total
+        weight_map = {}
+        for i, (path, names, _) in enumerate(self._written, start=1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(path, os.path.join(self.folder, final))
+            weight_map.update({name: final for name in names})
+        with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
+        return total
+
+
+def hf_names(named: Iterable[tuple[str, torch.Tensor]], lora: dict[str, Any] | None,
+             tied_embeddings: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a (peft-wrapped) training model -> the plain HF model's names, LoRA merged.
+
+    A LoRA module's base weight and its A and B arrive together (parameter order), and are
+    emitted once all three are there; a tied LM head is left out, as save_pretrained does."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    scaling = lora["lora_alpha"] / lora["lora_rank"] if lora else 1.0
+    for name, tensor in named:
+        if name.startswith(PEFT_PREFIX):
+            name = name[len(PEFT_PREFIX):]
+        m = _LORA_RE.match(name)
+        if m or ".base_layer." in name and name.endswith(".weight"):
+            module = m.group("module") if m else name.split(".base_layer.")[0]
+            parts = pending.setdefault(module, {})
+            parts[m.group("which") if m else "W"] = tensor
+            if len(parts) == 3:
+                del pending[module]
+                merged = parts["W"].float() + (parts["B"].float() @ parts["A"].float()) * scaling
+                yield f"{module}.weight", merged.to(parts["W"].dtype)
+            continue
+        name = name.replace(".base_layer.", ".")
+        if tied_embeddings and name == "lm_head.weight":
+            continue
+        yield name, tensor
+    if pending:
+        raise RuntimeError(f"LoRA modules without all of base weight, A and B: {sorted(pending)[:5]}")
+
+
+def gathered_parameters(model: Any, dtype: torch.dtype, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective: every parameter of MODEL in full, one at a time (ZeRO-3 gathers each on every
+    rank); rank 0 yields (name, CPU copy in DTYPE), the other ranks yield nothing."""
+    import deepspeed
+
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                yield name, param.detach().to(dtype=dtype, device="cpu", copy=True)
+
+
+def export_from_engine(engine: Any, run: str, tokenizer: Any, run_cfg: dict[str, Any], tag: str | None,
+                       rank: int, out: str | None = None, shard_bytes: int = SHARD_BYTES) -> str:
+    """Collective: ENGINE's weights, gathered in the training dtype, as an HF folder at OUT
+    (default RUN/final), published by rank 0. Returns the folder's URL."""
+    import torch.distributed as dist
+
+    model = engine.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dtype = torch.bfloat16 if run_cfg.get("bf16") else torch.float32
+    final_url = out or storage.join(run, "final")
+    lora = run_cfg if run_cfg.get("lora") else None
+    with tempfile.TemporaryDirectory() as tmp:
+        target = os.path.join(tmp, "final")
+        writer = SafetensorsShardWriter(target, shard_bytes) if rank == 0 else None
+        for name, tensor in hf_names(gathered_parameters(model, dtype, rank), lora, base.config.tie_word_embeddings):
+            writer.add(name, tensor)
+        if rank == 0:
+            writer.close()
+            _write_folder_files(target, base.config, tokenizer, dtype, {"run": run, "tag": tag, "config": run_cfg})
+            _publish_folder(target, final_url)
+        if dist.is_initialized():
+            dist.barrier()
+    return final_url
+
+
+def _write_folder_files(target: str, config: Any, tokenizer: Any, dtype: torch.dtype, provenance: dict) -> None:
+    from transformers import GenerationConfig
+
+    config = type(config).from_dict(config.to_dict())  # a copy: the live model keeps its own
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=tokenizer.bos_token_id).save_pretrained(target)
+    with open(os.path.join(target, "patchrec_run.json"), "w") as f:
+        json.dump(provenance, f, indent=2)
 
 
 def _local_run(run: str, tag: str, tmp: str) -> str:
@@ -33,24 +173,12 @@ def _local_run(run: str, tag: str, tmp: str) -> str:
     return tmp
 
 
-@contextlib.contextmanager
-def plain_model_creation():
-    """Build a model without ZeRO-3 partitioning even inside a DeepSpeed run (rank 0 exporting
-    while HfDeepSpeedConfig is alive would otherwise wait for the other ranks in zero.Init)."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
-
-
-def export_run(run: str, out: str | None = None, tag: str | None = None, merge_lora: bool = True) -> str:
-    """Write RUN's checkpoint TAG (default: latest) as an HF folder at OUT (default RUN/final)."""
+def export_run(run: str, out: str | None = None, tag: str | None = None, merge_lora: bool = True,
+               shard_bytes: int = SHARD_BYTES) -> str:
+    """Write RUN's checkpoint TAG (default: latest) as an HF folder at OUT (default RUN/final), in
+    the run's training dtype, one tensor at a time (no model is built)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     from patchrec_dist.train.checkpoint import CheckpointManager
 
@@ -62,41 +190,55 @@ def export_run(run: str, out: str | None = None, tag: str | None = None, merge_l
         local = _local_run(run, tag, os.path.join(tmp, "run"))
         with open(os.path.join(local, "config.json")) as f:
             run_cfg: dict[str, Any] = json.load(f)
-        state = get_fp32_state_dict_from_zero_checkpoint(os.path.join(local, "checkpoints"), tag=tag)
+        dtype = torch.bfloat16 if run_cfg.get("bf16") else torch.float32
         config = AutoConfig.from_pretrained(os.path.join(local, "model_config"))
-        with plain_model_creation():
-            model = AutoModelForCausalLM.from_config(config)
-        if run_cfg.get("lora"):
-            from peft import LoraConfig, get_peft_model
-
-            targets = [t.strip() for t in run_cfg["lora_targets"].split(",") if t.strip()]
-            model = get_peft_model(model, LoraConfig(r=run_cfg["lora_rank"], lora_alpha=run_cfg["lora_alpha"],
-                                                     target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight", "base_model.model.lm_head.weight"} if config.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:
-            raise RuntimeError(f"{run}/{tag}: checkpoint does not fit the model: missing {sorted(missing)[:5]}, "
-                               f"unexpected {sorted(unexpected)[:5]}")
-        if config.tie_word_embeddings:
-            model.tie_weights()
+        lazy = get_fp32_state_dict_from_zero_checkpoint(os.path.join(local, "checkpoints"), tag=tag, lazy_mode=True)
+        named = ((name, t.contiguous().to(dtype)) for name, t in lazy.items())
         target = os.path.join(tmp, "final")
-        if run_cfg.get("lora") and not merge_lora:
-            base_dir = os.path.join(target, "base")
-            model.get_base_model().save_pretrained(base_dir)
-            model.peft_config["default"].base_model_name_or_path = "base"
-            model.save_pretrained(target)
-        else:
-            if run_cfg.get("lora"):
-                model = model.merge_and_unload()
-            model.save_pretrained(target, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(local, "tokenizer"))
-        tokenizer.save_pretrained(target)
-        GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id).save_pretrained(target)
-        with open(os.path.join(target, "patchrec_run.json"), "w") as f:
-            json.dump({"run": run, "tag": tag, "config": run_cfg}, f, indent=2)
+        provenance = {"run": run, "tag": tag, "config": run_cfg}
+        if run_cfg.get("lora") and not merge_lora:
+            _write_adapter_folder(target, named, run_cfg, config, tokenizer, dtype, provenance, shard_bytes)
+        else:
+            writer = SafetensorsShardWriter(target, shard_bytes)
+            lora = run_cfg if run_cfg.get("lora") else None
+            try:
+                for name, tensor in hf_names(named, lora, config.tie_word_embeddings):
+                    writer.add(name, tensor)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{run}/{tag}: {exc}") from None
+            writer.close()
+            _write_folder_files(target, config, tokenizer, dtype, provenance)
         _publish_folder(target, final_url)
     return final_url
+
+
+def _write_adapter_folder(target: str, named: Iterable[tuple[str, torch.Tensor]], run_cfg: dict[str, Any],
+                          config: Any, tokenizer: Any, dtype: torch.dtype, provenance: dict, shard_bytes: int) -> None:
+    """LoRA unmerged: TARGET holds peft's adapter (adapter_config.json, adapter_model.safetensors)
+    and TARGET/base the base model; transformers' peft integration loads the pair."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    base_writer = SafetensorsShardWriter(os.path.join(target, "base"), shard_bytes)
+    adapter: dict[str, torch.Tensor] = {}
+    for name, tensor in named:
+        if ".lora_A.default." in name or ".lora_B.default." in name:
+            adapter[name.replace(".default.", ".")] = tensor
+            continue
+        plain = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        plain = plain.replace(".base_layer.", ".")
+        if not (config.tie_word_embeddings and plain == "lm_head.weight"):
+            base_writer.add(plain, tensor)
+    base_writer.close()
+    _write_folder_files(os.path.join(target, "base"), config, tokenizer, dtype, provenance)
+    save_file(adapter, os.path.join(target, "adapter_model.safetensors"), metadata={"format": "pt"})
+    targets = [t.strip() for t in run_cfg["lora_targets"].split(",") if t.strip()]
+    LoraConfig(r=run_cfg["lora_rank"], lora_alpha=run_cfg["lora_alpha"], target_modules=targets, lora_dropout=0.0,
+               task_type="CAUSAL_LM", base_model_name_or_path="base").save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    with open(os.path.join(target, "patchrec_run.json"), "w") as f:
+        json.dump(provenance, f, indent=2)
 
 
 def _publish_folder(src: str, url: str) -> None:

@@ -9,7 +9,6 @@ stops every rank at the same step boundary with a checkpoint and exit code 75.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -27,14 +26,17 @@ from patchrec_dist.data import storage
 from patchrec_dist.data.catalog import catalog_titles
 from patchrec_dist.data.manifest import DataSetError, load_manifest
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
+from patchrec_dist.model.answer_logits import logits_at
 from patchrec_dist.model.load import build_model, load_tokenizer
 from patchrec_dist.model.patch_embed import embed_with_patches
 from patchrec_dist.monitor.tensorboard import Monitor, upload_logdir
 from patchrec_dist.patching.collate import Batch, Collator
 from patchrec_dist.patching.features import Patcher
+from patchrec_dist.patching.layouts import ppt_probability
 from patchrec_dist.patching.prompt import IGNORE_INDEX, build_prompt_tokens, resolve_template
-from patchrec_dist.train.checkpoint import CheckpointError, CheckpointManager
+from patchrec_dist.train.checkpoint import CheckpointError, CheckpointManager, config_diff, tag_for_step
 from patchrec_dist.train.config import RESUME_NEUTRAL, TrainConfig
+from patchrec_dist.train.distributed import init_distributed
 from patchrec_dist.train.signals import RESUME_EXIT_CODE, StopFlag
 
 DONE_FILE = "DONE.json"
@@ -42,40 +44,6 @@ DONE_FILE = "DONE.json"
 
 # ---------------------------------------------------------------------------------------------
 # set-up helpers
-
-
-def init_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
-    import deepspeed
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    release_shm_names()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def release_shm_names() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped it.
-
-    DeepSpeed's shm comm op (CPU accelerator) creates a 69 MB /dev/shm segment per rank and never
-    unlinks it, so every launch leaks that much RAM until reboot (tmpfs). Its initialize maps all
-    peers' segments before returning; after a barrier the names are no longer needed, and the
-    memory is freed when the last process unmaps it."""
-    import glob
-
-    if not dist.is_initialized() or torch.cuda.is_available():
-        return
-    dist.barrier()
-    port, rank = os.environ.get("MASTER_PORT", "*"), dist.get_rank()
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def local_work_dir(output: str) -> str:
@@ -109,16 +77,38 @@ def make_ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
     for key, value in (("lr", cfg.lr), ("weight_decay", cfg.weight_decay)):
         if params.get(key, "auto") == "auto":
             params[key] = value
-    if not torch.cuda.is_available() and opt.get("type", "").lower() in ("adam", "adamw"):
-        params["torch_adam"] = True  # DeepSpeed's fused Adam needs CUDA; design.md
-        ds.get("zero_optimization", {}).pop("offload_optimizer", None)
-        ds.get("zero_optimization", {}).pop("offload_param", None)
+    zero = ds.get("zero_optimization", {})
+    if opt.get("type", "").lower() in ("adam", "adamw"):
+        if not torch.cuda.is_available():
+            params["torch_adam"] = True  # DeepSpeed's fused Adam needs CUDA; design.md
+            zero.pop("offload_optimizer", None)
+            zero.pop("offload_param", None)
+        elif "offload_optimizer" not in zero:
+            # DeepSpeed's FusedAdam is JIT-built with nvcc, which compute nodes often lack; torch's
+            # fused AdamW is one kernel per parameter group too, and ships compiled with torch
+            params.setdefault("torch_adam", True)
+            if params["torch_adam"]:
+                params.setdefault("fused", True)
     return ds
 
 
-def check_schedule_unchanged(state: dict[str, Any], cfg: TrainConfig, tag: str) -> None:
-    """The LR and PPT schedules are functions of the run's length: a resume with other --max-steps or
-    --epochs would move both mid-run without a word. Refused unless --schedule-change stretch."""
+# DeepSpeed settings that change speed or memory, not what the next step computes: free to change on resume
+DS_CONFIG_NEUTRAL = (
+    "train_batch_size", "steps_per_print", "wall_clock_breakdown", "flops_profiler", "tensorboard", "comms_logger",
+    "optimizer.params.torch_adam", "optimizer.params.fused", "optimizer.params.foreach",
+    *(f"zero_optimization.{k}" for k in (
+        "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size", "offload_optimizer",
+        "offload_param", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+        "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save",
+        "sub_group_size", "round_robin_gradients")),
+)
+
+
+def check_resume_unchanged(state: dict[str, Any], cfg: TrainConfig, ds_config: dict[str, Any], tag: str) -> None:
+    """What a resume may not change silently. The LR and PPT schedules are functions of the run's
+    length: other --max-steps or --epochs would move both mid-run (refused unless --schedule-change
+    stretch). Another DeepSpeed config (optimizer betas/eps, ZeRO stage, precision, ...) changes the
+    optimisation itself (refused unless --ds-config-change accept); speed and memory settings may change."""
     saved = state.get("config") or {}
     changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(cfg, k)}" for k in ("max_steps", "epochs")
                if k in saved and saved[k] != getattr(cfg, k)]
@@ -128,6 +118,13 @@ def check_schedule_unchanged(state: dict[str, Any], cfg: TrainConfig, tag: str) 
             f"schedules from step {state.get('step')} on (the run had {state.get('total_steps')} steps). Resume "
             "with the run's own values, or pass --schedule-change stretch to recompute both schedules over the "
             "new length.")
+    if "ds_config" in state and cfg.ds_config_change == "refuse":
+        keys = config_diff(state["ds_config"], ds_config, DS_CONFIG_NEUTRAL)
+        if keys:
+            raise CheckpointError(
+                f"resume from {tag}: the DeepSpeed config differs from the run's in {', '.join(keys[:10])} "
+                f"(--ds-config {cfg.ds_config}). Resume with the run's config, or pass --ds-config-change accept "
+                "to continue with the new settings from this step on.")
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float):
@@ -162,16 +159,19 @@ class StepStats:
     patches: int
     data_wait_s: float
     timings: dict[str, float]  # embed_s, forward_s, backward_s, optimizer_s (summed over micro-steps)
+    input_tokens: int = 0  # positions the LLM ran on, padding excluded, over all ranks
+    ppt_step: int = -1  # the PPT schedule's step the step's layouts were drawn at (-1: not ppt)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over labelled positions. LOGITS cover every
-    position, or only POSITIONS (then logits[:, j] predicts labels[:, positions[j] + 1])."""
+    """Sum (not mean) of next-token cross-entropy over labelled positions. LOGITS are (B, L, V) over
+    every position, or (N, V) for the (row, position) pairs in POSITIONS (then logits[i] predicts
+    labels[row, position + 1])."""
     if positions is None:
-        logits, targets = logits[:, :-1], labels[:, 1:]
+        logits, targets = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
     else:
-        targets = labels[:, positions + 1]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        targets = labels[positions[:, 0], positions[:, 1] + 1]
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def forward_loss_sum(engine: Any, batch: Batch, timings: dict[str, float] | None = None) -> torch.Tensor:
@@ -179,8 +179,9 @@ def forward_loss_sum(engine: Any, batch: Batch, timings: dict[str, float] | None
     embed = engine.module.get_input_embeddings()
     inputs_embeds = embed_with_patches(embed, batch.input_ids, batch.patches)
     t1 = time.perf_counter()
-    out = engine(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask, use_cache=False,
-                 logits_to_keep=batch.answer_positions)
+    with logits_at(engine.module, batch.answer_positions):
+        out = engine(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask, use_cache=False,
+                     logits_to_keep=0)
     loss = token_loss_sum(out.logits, batch.labels, batch.answer_positions)
     if timings is not None:
         timings["embed_s"] = timings.get("embed_s", 0.0) + t1 - t0
@@ -198,12 +199,12 @@ def train_step(engine: Any, micro_batches: Iterator[Batch], grad_accum: int, wor
     wait = time.perf_counter() - t0
     local = [sum(b.label_tokens for b in batches), sum(b.num_examples for b in batches),
              sum(b.history_positions for b in batches), sum(b.text_positions for b in batches),
-             sum(b.patches.num_patches for b in batches)]
-    tokens, examples, hist, text, patches = all_reduce_sum(local, device)
+             sum(b.patches.num_patches for b in batches), sum(int(b.attention_mask.sum()) for b in batches)]
+    tokens, examples, hist, text, patches, inputs = all_reduce_sum(local, device)
     scale = world * grad_accum / max(1.0, tokens)  # DeepSpeed averages over ranks and micro-steps
     loss_sum, timings = 0.0, {}
     for b in batches:
-        b = b.to(device)
+        b = b.to(device, non_blocking=True)  # pinned by the DataLoader on GPUs: the copy overlaps
         loss = forward_loss_sum(engine, b, timings)
         t1 = time.perf_counter()
         engine.backward(loss * scale)
@@ -213,8 +214,9 @@ def train_step(engine: Any, micro_batches: Iterator[Batch], grad_accum: int, wor
         timings["optimizer_s"] = timings.get("optimizer_s", 0.0) + time.perf_counter() - t2
         loss_sum += float(loss.detach())
     (total_loss,) = all_reduce_sum([loss_sum], device)
+    ppt_step = max((s for b in batches for s in b.ppt_steps), default=-1)
     return StepStats(total_loss / max(1.0, tokens), int(tokens), int(examples), int(hist), int(text), int(patches),
-                     wait, timings)
+                     wait, timings, int(inputs), ppt_step)
 
 
 @torch.no_grad()
@@ -276,6 +278,9 @@ class Trainer:
 
         cfg = self.cfg
         self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_s)
+        if cfg.bf16 is None:  # resolved once, so config.json (and the export) say what ran
+            cfg.bf16 = self.device.type == "cuda"
+        self.config_hash = cfg.hash(ignore=RESUME_NEUTRAL)
         self.stop = StopFlag()  # early: a signal during set-up is honoured at the first step
         torch.manual_seed(cfg.seed)
         self.work = local_work_dir(cfg.output)
@@ -285,7 +290,7 @@ class Trainer:
         template = resolve_template(manifest.prompt, cfg.prompt_file, cfg.domain)
         self.tokenizer = load_tokenizer(cfg, titles, template, self.work)
         self.tokens = build_prompt_tokens(self.tokenizer, template, titles, os.path.join(self.work, "cache"))
-        ds_config = make_ds_config(cfg, self.world)
+        ds_config = self.ds_config = make_ds_config(cfg, self.world)
         model = build_model(cfg, self.tokenizer, ds_config, self.work)
 
         stream_cfg = StreamConfig(split=cfg.split, batch_size=cfg.micro_batch, seed=cfg.seed,
@@ -307,16 +312,20 @@ class Trainer:
         write_run_files(cfg, self.tokenizer, model, self.rank)
 
         self.ckpt = CheckpointManager(cfg.output, keep_last=cfg.keep_last)
-        self.config_hash = cfg.hash(ignore=RESUME_NEUTRAL)
         self.step, self.counters = 0, {"micro_before_epoch": 0}
         tag = self.ckpt.resolve_resume(cfg.resume)
         if tag is not None:
             # the run's length is checked before anything is loaded (a refusal after a 100 GB load wastes minutes)
-            expect = {"config_hash": self.config_hash, "check": lambda saved: check_schedule_unchanged(saved, cfg, tag)}
+            expect = {"config_hash": self.config_hash,
+                      "check": lambda saved: check_resume_unchanged(saved, cfg, ds_config, tag)}
             state = self.ckpt.load(self.engine, tag, expect=expect, universal=cfg.universal)
             self.step = int(state["step"])
             self.counters.update(state["counters"])
             self.loader.load_state_dict(state["data"])
+            # PPT's schedule follows global progress: after a world-size or worker change the stream
+            # restarts its batch count on the examples nobody consumed, so this epoch's batch 0 is
+            # re-anchored at the micro-batch the run has reached (the same value when nothing changed)
+            self.counters["micro_before_epoch"] = self.step * cfg.grad_accum - self.loader.batches_done
         self.monitor = Monitor(os.path.join(self.work, "tb"), self.rank == 0, self.step, self.total_steps,
                                cfg.log_every)
         self.monitor.text(f"training {cfg.stage} on {manifest.num_examples(cfg.split):,} {cfg.split} examples: "
@@ -352,7 +361,8 @@ class Trainer:
         sync_tensorboard(self.work, self.cfg.output, self.rank)
         self.ckpt.save(self.engine, self.step, {
             "step": self.step, "counters": dict(self.counters), "data": self.loader.state_dict(),
-            "config": self.cfg.to_dict(), "config_hash": self.config_hash, "total_steps": self.total_steps})
+            "config": self.cfg.to_dict(), "config_hash": self.config_hash, "total_steps": self.total_steps,
+            "ds_config": self.ds_config})
 
     def log_examples(self, batches_seen: list[list[tuple[str, int]]]) -> None:
         """--log-examples: which examples each step trained on, per rank (an audit trail; tests use it)."""
@@ -379,11 +389,14 @@ class Trainer:
                 "train/loss": stats.loss, "train/lr": self.scheduler.get_last_lr()[0],
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/examples_per_s": stats.examples / dt, "train/positions_per_s": stats.history_positions / dt,
+                "train/tokens_per_s": stats.input_tokens / dt,
                 "train/compression": stats.history_positions / max(1, stats.text_positions),
                 "train/patch_fraction": stats.patches / max(1, stats.examples),
                 "train/data_wait_frac": stats.data_wait_s / dt, "train/label_tokens": stats.label_tokens,
                 "time/step_s": dt, "time/data_wait_s": stats.data_wait_s,
                 **{f"time/{k}": v for k, v in stats.timings.items()},
+                **({"train/ppt_p": ppt_probability(stats.ppt_step, self.total_steps, cfg.ppt_schedule, cfg.ppt_p_max)}
+                   if stats.ppt_step >= 0 else {}),
             })
             if self.make_val_loader is not None and self.step % cfg.eval_every == 0:
                 loss = validation_loss(engine, self.make_val_loader, cfg.eval_batches, self.device)
@@ -413,12 +426,11 @@ class Trainer:
     def finish(self) -> None:
         """Final checkpoint, the HF export (OUTPUT/final) and DONE.json, which marks a finished run."""
         self.save()
-        if self.cfg.export:
-            from patchrec_dist.train.export import export_run
+        if self.cfg.export:  # every rank: the weights are gathered one tensor at a time
+            from patchrec_dist.train.export import export_from_engine
 
-            if self.rank == 0:
-                export_run(self.cfg.output)
-            dist.barrier()
+            export_from_engine(self.engine, self.cfg.output, self.tokenizer, self.cfg.to_dict(),
+                               tag_for_step(self.step), self.rank)
         if self.rank == 0:
             storage.write_bytes_atomic(storage.join(self.cfg.output, DONE_FILE),
                                        json.dumps({"step": self.step, "total_steps": self.total_steps}).encode())

@@ -127,7 +127,7 @@ def main() -> int:
     ap.add_argument("--pg-timeout", type=float, default=60.0)
     args, _ = ap.parse_known_args()  # the launcher adds --local_rank=N
 
-    from patchrec_dist.train.trainer import init_distributed
+    from patchrec_dist.train.distributed import init_distributed
 
     init_distributed(args.pg_timeout)  # gloo on CPU; also unlinks DeepSpeed's leaked /dev/shm buffers
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -115,7 +115,7 @@ def main() -> int:
     parser.add_argument("--pg-timeout", type=float, default=60.0, help="gloo timeout, seconds")
     args, _ = parser.parse_known_args()  # the launcher adds --local_rank=N
 
-    from patchrec_dist.train.trainer import init_distributed
+    from patchrec_dist.train.distributed import init_distributed
 
     init_distributed(args.pg_timeout)  # gloo on CPU; also unlinks DeepSpeed's leaked /dev/shm buffers
     rank = deepspeed.comm.get_rank()

@@ -1,0 +1,68 @@
+"""The process group and this rank's device, the same way for training and evaluation.
+
+On GPUs the rank's device is set before the process group exists: NCCL binds a communicator to
+the current device, and a rank that has not chosen one runs every collective on cuda:0 (the
+multi-GPU evaluation that did this failed at its final gather, after all generation was done).
+On CPU the group is gloo (DeepSpeed adds its shared-memory all-reduce for training).
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def local_device() -> torch.device:
+    """cuda:LOCAL_RANK where CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def launched() -> bool:
+    """Whether a launcher started this process as a rank (it sets WORLD_SIZE and MASTER_ADDR)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "MASTER_ADDR" in os.environ
+
+
+def init_distributed(timeout_s: int, deepspeed_comm: bool = True) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Joins the process group the launcher describes (RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT); without DEEPSPEED_COMM a process that no launcher started
+    runs alone. DEEPSPEED_COMM: through deepspeed.init_distributed (training: the
+    engine uses DeepSpeed's comm layer); else torch's own (evaluation)."""
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if deepspeed_comm:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        release_shm_names()
+    elif launched() and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def release_shm_names() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped it.
+
+    DeepSpeed's shm comm op (CPU accelerator) creates a 69 MB /dev/shm segment per rank and never
+    unlinks it, so every launch leaks that much RAM until reboot (tmpfs). Its initialize maps all
+    peers' segments before returning; after a barrier the names are no longer needed, and the
+    memory is freed when the last process unmaps it."""
+    if not dist.is_initialized() or torch.cuda.is_available():
+        return
+    dist.barrier()
+    port, rank = os.environ.get("MASTER_PORT", "*"), dist.get_rank()
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
