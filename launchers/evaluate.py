@@ -10,21 +10,9 @@ OUTPUT/metrics.json and OUTPUT/predictions.jsonl (OUTPUT defaults to RUN/eval-SP
 a run, eval/ scalars in its TensorBoard.
 """
 
-import sys
-
 from patchrec_dist.evaluate.run import EvalConfig, evaluate
 from patchrec_dist.train.config import parse_config
-from patchrec_dist.train.signals import run_rank
-
-
-def main() -> int:
-    try:
-        evaluate(parse_config(cls=EvalConfig, description=__doc__))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+from patchrec_dist.train.signals import run_job
 
 if __name__ == "__main__":
-    run_rank(main)
+    run_job("evaluate", lambda: evaluate(parse_config(cls=EvalConfig, description=__doc__)))

@@ -77,3 +77,86 @@ def test_bad_flags_exit_2_with_a_message(learnable_dataset, tmp_path):
     assert code == 2 and "not a model folder" in out
     code, out = evaluate("--model", str(tmp_path), "--data", learnable_dataset, "--top-k", "30")
     assert code == 2 and "--beams" in out
+
+
+def test_recommender_api_gives_the_evaluations_titles_and_scores(trained_run, learnable_dataset, tmp_path):
+    """Recommender.from_run on the first test histories (given as item ids) returns what
+    launchers/evaluate.py predicted for them: the same titles, in order, with the same scores."""
+    from patchrec_dist import Recommender
+    from patchrec_dist.data.catalog import load_catalog
+    from patchrec_dist.data.manifest import load_manifest
+    from patchrec_dist.data.stream import StreamConfig, StreamLoader, collate_examples
+
+    out = tmp_path / "eval"
+    code, log = evaluate("--run", str(trained_run), "--data", learnable_dataset, "--output", str(out),
+                         "--max-examples", "12", "--top-k", "5", "--beams", "8")
+    assert code == 0, log[-3000:]
+    want = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+    manifest = load_manifest(learnable_dataset)
+    item_ids = load_catalog(manifest)["item_id"].cast(str).to_list()
+    loader = StreamLoader(manifest, StreamConfig(split="test", batch_size=4, shuffle=False, max_history=100,
+                                                 num_workers=0, max_examples=12), 0, 1, collate_fn=collate_examples)
+    examples = sorted((ex for batch in loader for ex in batch if not ex.pad), key=lambda ex: ex.index)
+    assert [ex.user for ex in examples] == [w["user"] for w in want]
+
+    rec = Recommender.from_run(str(trained_run), device="cpu", beams=8)
+    got = rec.recommend_batch([[item_ids[i] for i in ex.history] for ex in examples], k=5, batch_size=5)
+    for g, w in zip(got, want):
+        assert [r.title for r in g] == [t["title"] for t in w["top"]]
+        assert [r.score for r in g] == pytest.approx([t["score"] for t in w["top"]], abs=1e-4)
+        assert [r.items for r in g] == [[item_ids[i] for i in t["items"]] for t in w["top"]]
+    with pytest.raises(ValueError, match="not in the catalog.*no-such-item"):
+        rec.recommend([item_ids[0], "no-such-item"])
+    history = [item_ids[i] for i in examples[0].history[-6:]]  # 6 of the 20 items seen (a whole history sees all)
+    plain = rec.recommend(history, k=5)
+    assert {i for r in plain for i in r.items} & set(history)  # the model does recommend seen items
+    unseen = rec.recommend(history, k=5, exclude_seen=True)
+    assert len(unseen) == 5 and not {i for r in unseen for i in r.items} & set(history)
+    assert len(rec.recommend([item_ids[i] for i in examples[0].history], k=5, exclude_seen=True)) == 0
+
+
+def test_recommend_every_user_on_two_ranks_then_resume(trained_run, learnable_dataset, tmp_path):
+    """launchers/recommend.py on 2 ranks: K rows for every user with a history, the Recommender's
+    own numbers for a user; started again without the manifest and one part, it rewrites only that
+    part; other settings on the same output are refused."""
+    import polars as pl
+
+    from patchrec_dist import Recommender
+    from patchrec_dist.data.catalog import load_catalog
+    from patchrec_dist.data.manifest import load_manifest
+    from patchrec_dist.data.stream import read_shard
+
+    out = tmp_path / "recs"
+    args = ["--run", str(trained_run), "--output", str(out), "--top-k", "3", "--beams", "4", "--batch-size", "16"]
+    run = launch("launchers/recommend.py", args, nprocs=2, timeout=300)
+    assert run.returncode == 0, run.tail()
+    manifest = load_manifest(learnable_dataset)
+    users = {r.user: r for s in range(len(manifest.shards)) for r in read_shard(manifest, s) if len(r.items)}
+    summary = json.loads((out / "recommendations.json").read_text())
+    assert summary["users"] == len(users) and summary["rows"] == 3 * len(users) and summary["ranks"] == 2
+    assert len(summary["parts"]) == len(manifest.shards)
+    table = pl.concat([pl.read_parquet(out / p["path"]) for p in summary["parts"]])
+    assert set(table["user"].to_list()) == set(users) and table.height == 3 * len(users)
+
+    user = sorted(users)[0]
+    item_ids = load_catalog(manifest)["item_id"].cast(str).to_list()
+    want = Recommender.from_run(str(trained_run), device="cpu", beams=4).recommend(
+        [item_ids[i] for i in users[user].items], k=3)
+    rows = table.filter(pl.col("user") == user).sort("rank")
+    assert rows["title"].to_list() == [r.title for r in want]
+    assert rows["score"].to_list() == pytest.approx([r.score for r in want], abs=1e-4)
+
+    first = out / summary["parts"][0]["path"]
+    kept = out / summary["parts"][-1]["path"]
+    kept_mtime = kept.stat().st_mtime_ns
+    first.unlink()
+    (out / "recommendations.json").unlink()
+    again = launch("launchers/recommend.py", args, nprocs=2, timeout=300)
+    assert again.returncode == 0, again.tail()
+    assert first.exists() and kept.stat().st_mtime_ns == kept_mtime
+    assert json.loads((out / "recommendations.json").read_text())["users"] == len(users)
+
+    other = subprocess.run([sys.executable, "launchers/recommend.py", *args[:4], "--top-k", "2", "--beams", "4"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "written with other settings" in other.stderr, other.stderr[-2000:]

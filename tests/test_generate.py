@@ -221,6 +221,26 @@ def test_all_leaves_when_beams_cover_the_catalog_and_duplicates_share_one(env):
         assert frozenset(DUP) in [h.items for h in hits]
 
 
+def test_excluded_items_are_never_generated_and_k_titles_still_come_back(env):
+    """Exhaustive beams (every title): with an example's history excluded, the titles are the full
+    ranking minus the fully seen ones, same scores; a shared title half seen stays, for its other
+    item. With a narrow beam, still K titles and none fully seen."""
+    trie = env["trie"]
+    n = trie.num_leaves
+    feats = make_features(env["tokens"], 2, 4)
+    full = run(env, feats, num_beams=n + 3, top_k=n + 3)
+    seen = [{int(i) for i in list(full[0][0].items) + list(full[0][3].items)} | {DUP[0]}, {5, 6, 7}]
+    got = run(env, feats, num_beams=n + 3, top_k=n + 3, exclude=seen)
+    for hits, want, ex in zip(got, full, seen):
+        kept = [h._replace(items=h.items - ex) for h in want if not h.items <= ex]
+        assert [h.tokens for h in hits] == [h.tokens for h in kept]
+        assert [h.items for h in hits] == [h.items for h in kept]
+        assert [h.score for h in hits] == pytest.approx([h.score for h in kept], abs=1e-5)
+    assert frozenset({DUP[1]}) in [h.items for h in got[0]]  # "Alien": one of its two items seen
+    for hits, ex in zip(run(env, feats, num_beams=5, top_k=5, exclude=seen), seen):
+        assert len(hits) == 5 and all(h.items and not h.items & ex for h in hits)
+
+
 def test_fewer_results_on_a_small_catalog(env):
     small = ["Heat", "Heathers", "Heat", "Alien"]
     tokens = build_prompt_tokens(env["tokenizer"], env["template"], small)

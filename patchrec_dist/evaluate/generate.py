@@ -49,7 +49,7 @@ cache.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -172,9 +172,13 @@ def _hits(trie: TitleTrie, nodes: np.ndarray, scores: np.ndarray, top_k: int) ->
 @torch.no_grad()
 def constrained_beam_search(model: nn.Module, embedding: nn.Module, batch: Batch, trie: TitleTrie, *,
                             num_beams: int = 20, top_k: int = 20, max_new_tokens: int | None = None,
-                            length_penalty: float = 0.0, early_stopping: bool | str = "never") -> list[list[Hit]]:
+                            length_penalty: float = 0.0, early_stopping: bool | str = "never",
+                            exclude: Sequence[Iterable[int]] | None = None) -> list[list[Hit]]:
     """Per example of the left-padded generation BATCH: up to TOP_K distinct catalog titles, best
     first, as `Hit` (items, score = summed log-prob / length ** LENGTH_PENALTY, token ids).
+    EXCLUDE: per example, catalog items it must not get (its history, for --exclude-seen): a title
+    all of whose items are excluded is never generated (the trie's paths to it are closed, so the
+    TOP_K titles come from the rest; a shared title keeps its other items).
 
     ``embedding`` is the module to embed the prompt with (``model.get_input_embeddings()``; called
     once, with the patches); later steps feed token ids to ``model``, which takes a
@@ -207,6 +211,7 @@ def constrained_beam_search(model: nn.Module, embedding: nn.Module, batch: Batch
     done = torch.zeros(b, dtype=torch.bool, device=device)
     ones = torch.ones((1, 1), dtype=mask.dtype, device=device)
     hyp_never = float(max_new) ** length_penalty
+    closed = _closed_keys(trie, exclude, device) if exclude is not None else None
 
     for t in range(max_new):
         # every trie edge out of every live beam is a candidate
@@ -220,6 +225,10 @@ def constrained_beam_search(model: nn.Module, embedding: nn.Module, batch: Batch
         child = tt.child_nodes[edge]
         cand = score[row] + logp[row, tok]
         cex = ex[row]
+        if closed is not None:
+            ok = ~torch.isin(cex * trie.num_nodes + child, closed)
+            tok, child, cand, cex, row = tok[ok], child[ok], cand[ok], cex[ok], row[ok]
+            n_cand = len(tok)
         # rank the candidates of each example by score (two stable sorts: score, then example)
         order = torch.argsort(cand, descending=True, stable=True)
         order = order[torch.argsort(cex[order], stable=True)]
@@ -268,7 +277,17 @@ def constrained_beam_search(model: nn.Module, embedding: nn.Module, batch: Batch
         del out
 
     nodes, scores = pool_node.cpu().numpy(), pool_score.cpu().numpy()
-    return [_hits(trie, nodes[i], scores[i], top_k) for i in range(b)]
+    hits = [_hits(trie, nodes[i], scores[i], top_k) for i in range(b)]
+    if exclude is not None:  # a shared title stands for its items the example has not seen
+        hits = [[h._replace(items=h.items - frozenset(int(i) for i in seen)) for h in row]
+                for row, seen in zip(hits, exclude)]
+    return hits
+
+
+def _closed_keys(trie: TitleTrie, exclude: Sequence[Iterable[int]], device: torch.device) -> torch.Tensor:
+    """example * nodes + node for every node an example's beams may not enter (sorted)."""
+    keys = [e * trie.num_nodes + trie.excluded_nodes(items) for e, items in enumerate(exclude)]
+    return torch.from_numpy(np.concatenate(keys) if keys else np.zeros(0, np.int64)).to(device)
 
 
 # -- the released protocol (slow reference) ------------------------------------------------------
@@ -369,7 +388,8 @@ def released_protocol_generate(model: nn.Module, embedding: nn.Module, batch: Ba
 # -- public entry -------------------------------------------------------------------------------
 def generate_topk(model: nn.Module, embedding: nn.Module, batch: Batch, trie: TitleTrie, *, num_beams: int = 20,
                   top_k: int = 20, max_new_tokens: int | None = None, length_penalty: float = 0.0,
-                  early_stopping: bool | str = "never", method: str = "kv-cache") -> list[list[Hit]]:
+                  early_stopping: bool | str = "never", method: str = "kv-cache",
+                  exclude: Sequence[Iterable[int]] | None = None) -> list[list[Hit]]:
     """The evaluation entry: top-K catalog titles per example of a left-padded generation batch
     (see `collate_for_generation`), each a `Hit` (items, score, tokens), best first.
 
@@ -377,6 +397,12 @@ def generate_topk(model: nn.Module, embedding: nn.Module, batch: Batch, trie: Ti
     slow `released_protocol_generate` (same results, for comparisons)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    fn = constrained_beam_search if method == "kv-cache" else released_protocol_generate
-    return fn(model, embedding, batch, trie, num_beams=num_beams, top_k=top_k, max_new_tokens=max_new_tokens,
-              length_penalty=length_penalty, early_stopping=early_stopping)
+    if method != "kv-cache":
+        if exclude is not None:
+            raise ValueError("exclude is only supported by the kv-cache beam search")
+        return released_protocol_generate(model, embedding, batch, trie, num_beams=num_beams, top_k=top_k,
+                                          max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                                          early_stopping=early_stopping)
+    return constrained_beam_search(model, embedding, batch, trie, num_beams=num_beams, top_k=top_k,
+                                   max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                                   early_stopping=early_stopping, exclude=exclude)

@@ -23,13 +23,11 @@ from patchrec_dist.data.manifest import load_manifest
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
 from patchrec_dist.model.load import (
     local_model_dir,
-    resize_for_tokenizer,
     resolve_model_source,
-    with_patchrec_vocabulary,
 )
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import LayoutSpec
-from patchrec_dist.patching.prompt import build_prompt_tokens, resolve_template
+from patchrec_dist.patching.prompt import resolve_template
 from patchrec_dist.train.config import ATTN_IMPLEMENTATIONS, STAGES, _f, check_attn_implementation
 from patchrec_dist.train.distributed import init_distributed
 
@@ -107,11 +105,10 @@ def eval_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from patchrec_dist.evaluate.generate import GenerationCollator, generate_topk
     from patchrec_dist.evaluate.metrics import Prediction, finalize, format_table, score_sums
-    from patchrec_dist.evaluate.trie import TitleTrie
+    from patchrec_dist.evaluate.recommend import load_for_generation
 
     rank, world, device = init_distributed(cfg.dist_timeout_s, deepspeed_comm=False)
     manifest = load_manifest(cfg.data)
@@ -121,16 +118,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     run_cfg = _run_config(cfg.run) if cfg.run else {}
     template = resolve_template(manifest.prompt, cfg.prompt_file or run_cfg.get("prompt_file"),
                                 cfg.domain or run_cfg.get("domain"))
-    # A base model (not a run's export) meets the PatchRec tokens here for the first time: the
-    # same additions and mean-initialised rows as training gives it, so "untrained" is comparable.
-    tokenizer = with_patchrec_vocabulary(AutoTokenizer.from_pretrained(model_dir))
-    tokens = build_prompt_tokens(tokenizer, template, titles)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=eval_dtype(cfg.dtype, device),
-                                                 attn_implementation=cfg.attn_implementation)
-    resize_for_tokenizer(model, len(tokenizer), zero3=False)
-    model = model.to(device).eval()
+    loaded = load_for_generation(model_dir, titles, template, device, eval_dtype(cfg.dtype, device),
+                                 cfg.attn_implementation)
+    model, tokens, trie = loaded.model, loaded.tokens, loaded.trie
     spec = layout_for(cfg, run_cfg)
-    trie = TitleTrie.from_prompt_tokens(tokens)
 
     stream_cfg = StreamConfig(split=cfg.split, batch_size=cfg.batch_size, shuffle=False, remainder="pad",
                               max_history=cfg.max_history or None, num_workers=cfg.num_workers,

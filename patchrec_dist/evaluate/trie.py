@@ -14,7 +14,7 @@ same arrays.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,6 +160,7 @@ class TitleTrie:
         self.item_leaf[items[order]] = leaf_of_row
         self._frozen: dict[int, frozenset[int]] = {}
         self._tensors: dict[str, TrieTensors] = {}
+        self._leaves_below: np.ndarray | None = None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -226,6 +227,34 @@ class TitleTrie:
             got = frozenset(self.leaf_items[self.leaf_offsets[leaf] : self.leaf_offsets[leaf + 1]].tolist())
             self._frozen[leaf] = got
         return got
+
+    def leaves_below(self) -> np.ndarray:
+        """(nodes,) how many distinct titles (leaves) lie at or below each node."""
+        if self._leaves_below is None:
+            counts = (self.leaf_index >= 0).astype(np.int64)
+            for d in range(int(self.depth.max(initial=0)), 0, -1):  # preorder: children deeper than parents
+                at = np.flatnonzero(self.depth == d)
+                np.add.at(counts, self.parent[at], counts[at])
+            self._leaves_below = counts
+        return self._leaves_below
+
+    def excluded_nodes(self, items: Iterable[int]) -> np.ndarray:
+        """Nodes below which every title is excluded when ITEMS are (a title is excluded when all the
+        items it stands for are in ITEMS): the beam search never enters them, so the K titles it
+        returns are all allowed ones."""
+        items = {int(i) for i in items if 0 <= int(i) < len(self.item_leaf)}
+        leaves = {int(self.item_leaf[i]) for i in items} - {-1}
+        banned_below: dict[int, int] = {}
+        for leaf in leaves:
+            if self.leaf_items_of(leaf) <= items:
+                node = leaf
+                while True:
+                    banned_below[node] = banned_below.get(node, 0) + 1
+                    if node == ROOT:
+                        break
+                    node = int(self.parent[node])
+        below = self.leaves_below()
+        return np.array(sorted(n for n, c in banned_below.items() if c == below[n]), dtype=np.int64)
 
     def items(self, sequence: Sequence[int]) -> frozenset[int]:
         """Catalog items whose complete sequence is exactly SEQUENCE (empty if none)."""

@@ -138,7 +138,7 @@ def export_from_engine(engine: Any, run: str, tokenizer: Any, run_cfg: dict[str,
         if rank == 0:
             writer.close()
             _write_folder_files(target, base.config, tokenizer, dtype, {"run": run, "tag": tag, "config": run_cfg})
-            _publish_folder(target, final_url)
+            publish_folder(target, final_url)
         if dist.is_initialized():
             dist.barrier()
     return final_url
@@ -209,7 +209,7 @@ def export_run(run: str, out: str | None = None, tag: str | None = None, merge_l
                 raise RuntimeError(f"{run}/{tag}: {exc}") from None
             writer.close()
             _write_folder_files(target, config, tokenizer, dtype, provenance)
-        _publish_folder(target, final_url)
+        publish_folder(target, final_url)
     return final_url
 
 
@@ -241,7 +241,41 @@ def _write_adapter_folder(target: str, named: Iterable[tuple[str, torch.Tensor]]
         json.dump(provenance, f, indent=2)
 
 
-def _publish_folder(src: str, url: str) -> None:
+def export_patch_table(run: str, out: str, data: str | None = None) -> str:
+    """RUN's item-patch table (model/patch_table.py) at OUT, a local folder or URL: the vectors of
+    the run's export (RUN/final, or an HF folder with the PatchRec tokens and DATA) over the
+    catalog of DATA (default: the data set the run trained on)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from patchrec_dist.data.catalog import load_catalog
+    from patchrec_dist.data.manifest import load_manifest
+    from patchrec_dist.model.load import run_export_dir
+    from patchrec_dist.model.patch_table import write_patch_table
+    from patchrec_dist.patching.prompt import PATCHREC_TOKENS, build_prompt_tokens, resolve_template
+
+    config_url = storage.join(run, "config.json")
+    run_cfg = json.loads(storage.read_bytes(config_url)) if storage.exists(config_url) else {}
+    data = data or run_cfg.get("data")
+    if not data:
+        raise FileNotFoundError(f"{run}: no config.json naming the data set; give --data")
+    model_dir = run_export_dir(run)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    missing = [t for t in PATCHREC_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ValueError(f"{model_dir}: the tokenizer has no {', '.join(missing)}: not a PatchRec run's export")
+    manifest = load_manifest(data)
+    catalog = load_catalog(manifest)
+    template = resolve_template(manifest.prompt, run_cfg.get("prompt_file"), run_cfg.get("domain"))
+    tokens = build_prompt_tokens(tokenizer, template, catalog["title"].to_list())
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_patch_table(os.path.join(tmp, "table"), model, tokenizer, tokens, catalog,
+                          {"run": run, "model": model_dir, "data": data, "catalog_generation": manifest.generation})
+        publish_folder(os.path.join(tmp, "table"), out)
+    return out
+
+
+def publish_folder(src: str, url: str) -> None:
     """Copy a finished folder to URL; locally through a temporary name and a rename."""
     if storage.is_local(url):
         tmp = f"{url}.tmp-{os.getpid()}"

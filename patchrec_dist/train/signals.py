@@ -200,3 +200,19 @@ def run_rank(main: Callable[[], int | None]) -> None:
         sys.stderr.flush()
         os._exit(1)
     exit_process(0 if code is None else code)
+
+
+def run_job(name: str, job: Callable[[], Any]) -> None:
+    """run_rank for a launcher whose JOB may meet the user's bad input (ValueError,
+    FileNotFoundError): one line "NAME: error: ..." on stderr and exit status 2."""
+    import sys
+
+    def main() -> int:
+        try:
+            job()
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"{name}: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    run_rank(main)
