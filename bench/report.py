@@ -70,6 +70,14 @@ def speed_rows(r: dict[str, dict]) -> list[str]:
             rows.append(f"| HF export at the end of training, {model} ({shape}, {e['dtype']}) | {e['export_s']:.1f} s "
                         f"for {e['bytes'] / 1e9:.2f} GB, rank 0 +{e['rank0_rss_above_before_gb']:.2f} GB resident; "
                         f"from_pretrained {e['from_pretrained_s']:.1f} s | `{c['command']}` | {_machine(c['machine'])} |")
+    if "recommend" in r:
+        c = r["recommend"]
+        for model, m in c["models"].items():
+            pos = m["positions"]
+            rows.append(f"| batch recommendations, {model}, {c['layout']}, every user of ml-100k ({m['users']:,}), "
+                        f"whole histories, {c['beams']} beams, {c['ranks']} ranks | {m['users_per_s_per_rank']:.2f} "
+                        f"users/s per rank ({pos['fed_mean']:.0f} of {pos['all_text_mean']:.0f} all-text positions "
+                        f"per user) | `{c['command']}` | {_machine(c['machine'])} |")
     if "evaluate" in r:
         v = r["evaluate"]
         eps = v["examples_per_s"]

@@ -92,6 +92,22 @@ def test_popularity_counts_ranking_and_metrics_by_hand(hand_dataset, tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_exclude_seen_ranks_only_items_outside_the_whole_history(hand_dataset, tmp_path):
+    """The same popularity counts, each user's history (before its test target) masked: a title
+    stays while one of its items is unseen ("Twin" for users 2 and 3); user 4's target, seen
+    before, can no longer be hit."""
+    result = run_baseline(BaselineConfig(data=hand_dataset, baseline="popularity", output=str(tmp_path),
+                                         exclude_seen=True))
+    got = {p["user"]: [t["title"] for t in p["top"]] for p in read_predictions(tmp_path)}
+    assert got == {"1": ["Twin", "Echo", "Foxtrot"], "2": ["Delta", "Twin", "Echo", "Foxtrot"],
+                   "3": ["Charlie", "Alpha", "Bravo", "Twin", "Echo", "Foxtrot"],
+                   "4": ["Alpha", "Twin", "Delta", "Echo", "Foxtrot"]}
+    m = result["metrics"]
+    assert (m["HR@1"], m["HR@5"], m["HR@10"]) == (0.5, 0.5, 0.75)
+    assert json.loads((tmp_path / "metrics.json").read_text())["exclude_seen"] is True
+
+
+@pytest.mark.timeout(60)
 def test_metrics_json_has_the_llm_evaluations_keys(hand_dataset, tmp_path):
     result = run_baseline(BaselineConfig(data=hand_dataset, baseline="popularity", output=str(tmp_path),
                                          split="val", scoring="patchrec-compat", top_k=3))

@@ -70,6 +70,19 @@ def test_subsets_compat_scoring_and_tensorboard(trained_run, learnable_dataset, 
     assert "eval/val/HR@20" in scalars and (trained_run / "eval-val" / "metrics.json").exists()
 
 
+def test_exclude_seen_closes_every_seen_title(trained_run, learnable_dataset, tmp_path):
+    """Every learnable user has walked the whole 20-item catalog before its test target: with
+    --exclude-seen no title is left to generate (without it, 5 come back), and metrics.json says so."""
+    out = tmp_path / "seen"
+    code, log = evaluate("--run", str(trained_run), "--data", learnable_dataset, "--output", str(out),
+                         "--max-examples", "6", "--top-k", "5", "--beams", "8", "--exclude-seen")
+    assert code == 0, log[-3000:]
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and all(p["top"] == [] for p in preds)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["exclude_seen"] is True and metrics["metrics"]["HR@20"] == 0.0
+
+
 def test_bad_flags_exit_2_with_a_message(learnable_dataset, tmp_path):
     code, out = evaluate("--data", learnable_dataset)
     assert code == 2 and "--run" in out

@@ -62,6 +62,7 @@ class BaselineConfig:
     lr: float = _f(3e-3, "sasrec: AdamW learning rate")
     weight_decay: float = _f(0.0, "sasrec: AdamW weight decay")
     eval_batch_size: int = _f(256, "examples scored per forward pass")
+    exclude_seen: bool = _f(False, "never return an item of the user's whole history (RecBole's evaluation masks it)")
 
     def check(self) -> None:
         """Refuse values that cannot work, naming the flag."""
@@ -119,10 +120,10 @@ def counted_interactions(users: list[UserSequence], max_history: int | None) -> 
 
 
 def eval_examples(manifest: Manifest, split: str, max_examples: int | None,
-                  max_history: int | None) -> list[Example]:
+                  max_history: int | None, keep_seen: bool = False) -> list[Example]:
     """The first MAX_EXAMPLES examples of SPLIT in the unshuffled order, as the LLM evaluation reads them."""
     cfg = StreamConfig(split=split, shuffle=False, max_history=max_history or None, max_examples=max_examples,
-                       num_workers=0)
+                       num_workers=0, keep_seen=keep_seen)
     plan = plan_epoch(manifest, cfg, epoch=0, world=1, workers=1)
     return list(iter_examples(manifest, plan, cfg, [(iv, False) for iv in plan.work]))
 
@@ -139,6 +140,8 @@ def ranked_titles(scores: np.ndarray, index: TitleIndex, top_k: int) -> list[tup
     out: list[tuple[str, list[int], float]] = []
     seen: set[str] = set()
     for item in np.argsort(-scores, kind="stable"):
+        if scores[item] == -np.inf:  # excluded (seen): everything after it is too
+            break
         title = index.titles[item]
         if title in seen or not index.is_valid(title):
             continue
@@ -150,13 +153,17 @@ def ranked_titles(scores: np.ndarray, index: TitleIndex, top_k: int) -> list[tup
 
 
 def predict(score_fn: ScoreFn, examples: list[Example], index: TitleIndex, top_k: int,
-            batch_size: int) -> list[tuple[Prediction, list[list[int]]]]:
-    """A Prediction (and each title's items) per example, in the examples' order."""
+            batch_size: int, exclude_seen: bool = False) -> list[tuple[Prediction, list[list[int]]]]:
+    """A Prediction (and each title's items) per example, in the examples' order; EXCLUDE_SEEN
+    ranks only items outside the example's whole history (Example.seen)."""
     out = []
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
         scores = score_fn([ex.history for ex in batch])
         for ex, row in zip(batch, scores):
+            if exclude_seen:
+                row = np.array(row, dtype=np.float64)
+                row[ex.seen] = -np.inf
             top = ranked_titles(row, index, top_k)
             pred = Prediction(user=ex.user, target=ex.target, titles=[t for t, _, _ in top],
                               scores=[s for _, _, s in top])
@@ -200,16 +207,16 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     score_fn, info = FITTERS[cfg.baseline](users, len(titles), cfg)
     train_seconds = time.perf_counter() - t0
-    examples = eval_examples(manifest, cfg.split, cfg.max_examples, cfg.max_history)
+    examples = eval_examples(manifest, cfg.split, cfg.max_examples, cfg.max_history, keep_seen=cfg.exclude_seen)
     if not examples:
         raise DataSetError(f"{cfg.data}: the {cfg.split} split has no examples")
     t1 = time.perf_counter()
-    preds = predict(score_fn, examples, index, cfg.top_k, cfg.eval_batch_size)
+    preds = predict(score_fn, examples, index, cfg.top_k, cfg.eval_batch_size, exclude_seen=cfg.exclude_seen)
     eval_seconds = time.perf_counter() - t1
     metrics = finalize(score_sums([p for p, _ in preds], index, scoring=cfg.scoring))
     result = {
         "metrics": metrics, "split": cfg.split, "examples": len(preds), "scoring": cfg.scoring,
-        "data": cfg.data, "top_k": cfg.top_k, "max_history": cfg.max_history,
+        "data": cfg.data, "top_k": cfg.top_k, "max_history": cfg.max_history, "exclude_seen": cfg.exclude_seen,
         "baseline": {"name": cfg.baseline, "train_seconds": round(train_seconds, 3), **info},
         "examples_per_s": round(len(preds) / max(eval_seconds, 1e-9), 2),
     }

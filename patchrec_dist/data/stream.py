@@ -55,6 +55,7 @@ class StreamConfig:
     num_workers: int = 2
     verify_checksums: bool = True
     max_examples: int | None = None  # only the first N examples of the epoch's order (evaluation subsets)
+    keep_seen: bool = False  # Example.seen: the whole history before the target (for --exclude-seen)
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -79,6 +80,7 @@ class Example:
     epoch: int
     pad: bool = False  # a repeat that only fills the last batch (remainder="pad"); weight it 0
     batch: int = -1  # which of its rank's batches (in this epoch) the example lands in
+    seen: np.ndarray | None = None  # with keep_seen: every item before the target, not capped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +272,7 @@ def expand_example(window: Window, local: int, cfg: StreamConfig, index: int, ep
     return Example(
         user=rec.user, position=t, target=int(rec.items[t]), history=rec.items[lo:t],
         times=None if times is None else times[lo:t], target_time=None if times is None else int(times[t]),
-        index=index, epoch=epoch, pad=pad,
+        index=index, epoch=epoch, pad=pad, seen=rec.items[:t] if cfg.keep_seen else None,
     )
 
 

@@ -162,7 +162,7 @@ class Recommender:
         out: list[list[Recommendation]] = []
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            feats = [f for i, h in enumerate(chunk) for f in self._patcher(_example(self._window(h), i))]
+            feats = [f for i, h in enumerate(chunk) for f in self._patcher(history_example(self._window(h), i))]
             batch = self._collate(feats).to(self.loaded.device)
             hits = generate_topk(self.loaded.model, self.loaded.model.get_input_embeddings(), batch,
                                  self.loaded.trie, num_beams=max(self.beams, k), top_k=k,
@@ -176,8 +176,9 @@ class Recommender:
         return history[-self.max_history:] if self.max_history else history
 
 
-def _example(history: np.ndarray, index: int) -> Example:
-    # the target is not read by generation; the history's last item stands in
+def history_example(history: np.ndarray, index: int) -> Example:
+    """A generation example for HISTORY (catalog indices): the target is not read by generation,
+    so the history's last item stands in."""
     return Example(user="", position=len(history), target=int(history[-1]), history=history, times=None,
                    target_time=None, index=index, epoch=0)
 

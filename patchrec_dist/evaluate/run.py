@@ -60,6 +60,8 @@ class EvalConfig:
                     "float32", choices=("auto", "bfloat16", "float16", "float32"))
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa, flash_attention_2 (needs flash-attn) or eager",
                                   choices=ATTN_IMPLEMENTATIONS)
+    exclude_seen: bool = _f(False, "never generate an item of the user's whole history (RecBole and HSTU mask it; "
+                            "the released PatchRec protocol does not)")
 
     def check(self) -> None:
         if not self.data:
@@ -125,7 +127,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     stream_cfg = StreamConfig(split=cfg.split, batch_size=cfg.batch_size, shuffle=False, remainder="pad",
                               max_history=cfg.max_history or None, num_workers=cfg.num_workers,
-                              max_examples=cfg.max_examples)
+                              max_examples=cfg.max_examples, keep_seen=cfg.exclude_seen)
     loader = StreamLoader(manifest, stream_cfg, rank, world, transform=Patcher(tokens, spec),
                           collate_fn=GenerationCollator(tokens))
     preds: list[tuple[int, Prediction, list[list[int]], tuple[int, int, int]]] = []
@@ -133,8 +135,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     bar = tqdm(total=len(loader) * world * cfg.batch_size, unit="ex", disable=rank != 0, desc=f"evaluating {cfg.split}")
     with torch.no_grad():
         for batch in loader:
+            exclude = [set(s.tolist()) for s in batch.seen] if cfg.exclude_seen else None
             results = generate_topk(model, model.get_input_embeddings(), batch.to(device), trie,
-                                    num_beams=cfg.beams, top_k=cfg.top_k)
+                                    num_beams=cfg.beams, top_k=cfg.top_k, exclude=exclude)
             for i, res in enumerate(results):
                 if batch.indices[i] < 0 or batch.pads[i]:
                     continue
@@ -160,7 +163,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "metrics": metrics, "split": cfg.split, "examples": len(ordered), "scoring": cfg.scoring,
             "model": model_dir if storage.is_local(model_source) else model_source,  # a URL, not its copy
             "run": cfg.run, "data": cfg.data, "layout": asdict(spec),
-            "top_k": cfg.top_k, "beams": cfg.beams, "ranks": world,
+            "top_k": cfg.top_k, "beams": cfg.beams, "ranks": world, "exclude_seen": cfg.exclude_seen,
             "examples_per_s": round(len(ordered) / max(seconds, 1e-9), 2),
             # what the prompts cost: history positions under this layout, the same histories as
             # all text, and the whole generation prompt (system, instruction, markers included)

@@ -32,6 +32,7 @@ class Batch:
     examples: list[tuple[str, int]] = field(default_factory=list)  # (user, target position) per row
     targets: list[int] = field(default_factory=list)
     ppt_steps: list[int] = field(default_factory=list)  # per row: the PPT schedule's step of its layout (-1: none)
+    seen: list[np.ndarray | None] = field(default_factory=list)  # per row: its whole history, if the stream kept it
 
     @property
     def history_positions(self) -> int:
@@ -130,5 +131,5 @@ def collate_features(feats: list[Features], tokens: PromptTokens, padding_side: 
         answer_positions=predicted_positions(label_tensor),
         row_positions=[(f.history_positions, f.text_positions) for f in feats],
         pads=[f.pad for f in feats], indices=[f.index for f in feats], examples=[(f.user, f.position) for f in feats],
-        targets=[f.target for f in feats], ppt_steps=[f.ppt_step for f in feats],
+        targets=[f.target for f in feats], ppt_steps=[f.ppt_step for f in feats], seen=[f.seen for f in feats],
     )

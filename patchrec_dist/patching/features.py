@@ -42,6 +42,7 @@ class Features:
     user: str = ""
     position: int = -1
     ppt_step: int = -1  # ppt: the optimizer step of the schedule its layout was drawn at (-1: no draw)
+    seen: np.ndarray | None = None  # the example's whole history, when the stream keeps it (--exclude-seen)
 
     @property
     def num_patches(self) -> int:
@@ -157,7 +158,7 @@ class Patcher:
 
     def _features(self, ex: Example, layout: LayoutArrays) -> Features:
         f = assemble(self.tokens, ex.history, layout, ex.target)
-        f.index, f.pad, f.user, f.position = ex.index, ex.pad, ex.user, ex.position
+        f.index, f.pad, f.user, f.position, f.seen = ex.index, ex.pad, ex.user, ex.position, ex.seen
         if ex.pad:
             f.label_end = f.label_start
         return f
