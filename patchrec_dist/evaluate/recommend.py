@@ -30,7 +30,7 @@ import io
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,7 @@ from patchrec_dist.model.load import local_model_dir, resize_for_tokenizer, with
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import LayoutSpec
 from patchrec_dist.patching.prompt import PromptTemplate, PromptTokens, build_prompt_tokens
-from patchrec_dist.train.config import _f
+from patchrec_dist.train.config import _f, read_run_config
 
 
 @dataclass
@@ -73,12 +73,27 @@ def load_for_generation(model_dir: str, titles: list[str], template: PromptTempl
     return GenerationModel(model.to(device).eval(), tokenizer, tokens, TitleTrie.from_prompt_tokens(tokens), device)
 
 
-def read_run_config(run: str) -> dict[str, Any]:
-    """A training run's config.json; FileNotFoundError naming the run when it has none."""
-    url = storage.join(run, "config.json")
-    if not storage.exists(url):
-        raise FileNotFoundError(f"--run {run}: no config.json there: not a training run's folder")
-    return json.loads(storage.read_bytes(url))
+def layout_for(run_cfg: dict[str, Any], overrides: Any = None) -> LayoutSpec:
+    """The layout the model was trained with, unless OVERRIDES (an EvalConfig's layout flags) say
+    otherwise. PPT trains on random layouts; its deterministic evaluation is all text (p = 0),
+    which its paired copies train."""
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(overrides, name, None)
+        return value if value is not None else run_cfg.get(name, default)
+
+    stage = pick("stage", "text")
+    return LayoutSpec(stage="text" if stage == "ppt" else stage, item_len=pick("item_len", 5),
+                      group_size=pick("group_size", 5), max_text_items=pick("max_text_items", None),
+                      max_positions=pick("max_positions", None), session_gap=run_cfg.get("session_gap"),
+                      max_session_items=run_cfg.get("max_session_items"))
+
+
+def eval_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto is bf16 on GPUs (half the memory and twice the speed of fp32; what training
+    ran in there) and fp32 on CPU, where bf16 matmuls are slow."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 @dataclass
@@ -99,8 +114,6 @@ class Recommender:
     titles: list[str]
     max_history: int | None = 100
     beams: int = 20
-    _index: dict[str, int] = field(default_factory=dict, repr=False)
-
     def __post_init__(self) -> None:
         self._index = {item: i for i, item in enumerate(self.item_ids)}
         self._title_index: dict[str, int] = {}
@@ -114,7 +127,6 @@ class Recommender:
                  dtype: str = "auto", beams: int = 20, max_history: int | None = 100) -> Recommender:
         """A finished run (folder or URL: its final/ export, config and data set); DATA overrides
         the data set whose catalog is recommended from."""
-        from patchrec_dist.evaluate.run import EvalConfig, eval_dtype, layout_for
         from patchrec_dist.patching.prompt import resolve_template
         from patchrec_dist.train.distributed import local_device
 
@@ -128,8 +140,8 @@ class Recommender:
         if not storage.exists(storage.join(final, "config.json")):
             raise FileNotFoundError(f"{final}: no exported model (python tools/export_hf.py {run} {final})")
         loaded = load_for_generation(local_model_dir(final), titles, template, device, eval_dtype(dtype, device))
-        spec = layout_for(EvalConfig(data=data or run_cfg["data"], run=run), run_cfg)  # the run's own layout
-        return cls(loaded, spec, catalog["item_id"].cast(str).to_list(), titles, max_history=max_history, beams=beams)
+        return cls(loaded, layout_for(run_cfg), catalog["item_id"].cast(str).to_list(), titles,
+                   max_history=max_history, beams=beams)
 
     def catalog_indices(self, history: Sequence[str | int]) -> np.ndarray:
         """HISTORY's items (item ids, or titles) as catalog indices; ValueError naming unknown ones."""
@@ -238,7 +250,7 @@ def recommend_users(cfg: RecommendConfig) -> dict[str, Any]:
     rec = Recommender.from_run(cfg.run, data=data, device=device, dtype=cfg.dtype, beams=cfg.beams,
                                max_history=cfg.max_history or None)
     mine = [i for i in range(len(manifest.shards)) if i % world == rank]
-    parts, t0, users_done = [], time.perf_counter(), 0
+    parts, present, t0, users_done = [], set(), time.perf_counter(), 0
     bar = tqdm(total=len(mine), unit="part", disable=rank != 0, desc="recommending")
     for shard in mine:
         url = storage.join(cfg.output, f"part-{shard:05d}.parquet")
@@ -247,24 +259,23 @@ def recommend_users(cfg: RecommendConfig) -> dict[str, Any]:
             records = [r for r in read_shard(manifest, shard) if wanted is None or r.user in wanted]
             found = _write_part(url, rec, records, cfg, identity, key)
             users_done += found["users"]
+        if wanted is not None:
+            present |= _part_users(url)
         parts.append({"path": f"part-{shard:05d}.parquet", **found})
         bar.update(1)
         bar.set_postfix(users_per_s=f"{users_done / max(time.perf_counter() - t0, 1e-9):.1f}")
     bar.close()
-    gathered = [parts]
+    gathered = [(parts, present)]
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, parts)
+        dist.all_gather_object(gathered, (parts, present))
     result: dict[str, Any] = {}
     if rank == 0:
-        every = sorted((p for ps in gathered for p in ps), key=lambda p: p["path"])
+        every = sorted((p for ps, _ in gathered for p in ps), key=lambda p: p["path"])
         result = {**identity, "layout": asdict(rec.spec), "parts": every, "users": sum(p["users"] for p in every),
                   "rows": sum(p["rows"] for p in every), "ranks": world, "seconds": round(time.perf_counter() - t0, 1)}
         if wanted is not None:
-            missing = wanted - {u for p in every for u in p.pop("user_ids", [])}
-            result["users_not_found"] = sorted(missing)[:100]
-        for p in every:
-            p.pop("user_ids", None)
+            result["users_not_found"] = sorted(wanted.difference(*(users for _, users in gathered)))[:100]
         storage.write_bytes_atomic(storage.join(cfg.output, MANIFEST_FILE), (json.dumps(result, indent=1) + "\n").encode())
         print(f"{result['users']:,} users, {result['rows']:,} rows in {len(every)} parts; wrote {cfg.output}")
     if world > 1:
@@ -290,7 +301,16 @@ def _part_info(url: str, key: str) -> dict[str, Any] | None:
         meta = json.loads(pq.read_schema(f).metadata[b"patchrec"])
     if meta["key"] != key:
         raise ValueError(f"{url} was written with other settings ({meta['identity']}); use a new --output")
-    return {"users": meta["users"], "rows": meta["rows"], "user_ids": meta.get("user_ids", [])}
+    return {"users": meta["users"], "rows": meta["rows"]}
+
+
+def _part_users(url: str) -> set[str]:
+    """The users a part holds (its user column)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem_for(url)
+    with fs.open(path, "rb") as f:
+        return set(pq.read_table(f, columns=["user"])["user"].to_pylist())
 
 
 def _write_part(url: str, rec: Recommender, records: list, cfg: RecommendConfig, identity: dict[str, Any],
@@ -301,23 +321,18 @@ def _write_part(url: str, rec: Recommender, records: list, cfg: RecommendConfig,
     records = [r for r in records if len(r.items)]
     histories = [[rec.item_ids[i] for i in r.items] for r in records]
     results = rec.recommend_batch(histories, k=cfg.top_k, batch_size=cfg.batch_size, exclude_seen=cfg.exclude_seen)
-    cols: dict[str, list] = {"user": [], "rank": [], "item_id": [], "items": [], "title": [], "score": []}
-    for record, recs in zip(records, results):
-        for k, r in enumerate(recs, start=1):
-            for name, value in (("user", record.user), ("rank", k), ("item_id", r.items[0]), ("items", r.items),
-                                ("title", r.title), ("score", r.score)):
-                cols[name].append(value)
-    users = [r.user for r in records]
-    meta = {"key": key, "identity": identity, "users": len(users), "rows": len(cols["user"]), "user_ids": users}
-    table = pa.table({"user": pa.array(cols["user"], pa.string()), "rank": pa.array(cols["rank"], pa.int16()),
-                      "item_id": pa.array(cols["item_id"], pa.string()),
-                      "items": pa.array(cols["items"], pa.list_(pa.string())),
-                      "title": pa.array(cols["title"], pa.string()), "score": pa.array(cols["score"], pa.float32())})
+    rows = [(record.user, k, r.items[0], r.items, r.title, r.score)
+            for record, recs in zip(records, results) for k, r in enumerate(recs, start=1)]
+    types = {"user": pa.string(), "rank": pa.int16(), "item_id": pa.string(), "items": pa.list_(pa.string()),
+             "title": pa.string(), "score": pa.float32()}
+    columns = list(zip(*rows)) if rows else [()] * len(types)
+    table = pa.table({name: pa.array(list(col), t) for (name, t), col in zip(types.items(), columns)})
+    meta = {"key": key, "identity": identity, "users": len(records), "rows": len(rows)}
     table = table.replace_schema_metadata({b"patchrec": json.dumps(meta).encode()})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes_atomic(url, buf.getvalue())
-    return {"users": len(users), "rows": len(cols["user"]), "user_ids": users}
+    return {"users": len(records), "rows": len(rows)}
 
 
 __all__ = ["GenerationModel", "RecommendConfig", "Recommendation", "Recommender", "load_for_generation",

@@ -21,14 +21,20 @@ from patchrec_dist.data import storage
 from patchrec_dist.data.catalog import catalog_titles
 from patchrec_dist.data.manifest import load_manifest
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
+from patchrec_dist.evaluate.recommend import eval_dtype, layout_for, load_for_generation
 from patchrec_dist.model.load import (
     local_model_dir,
     resolve_model_source,
 )
 from patchrec_dist.patching.features import Patcher
-from patchrec_dist.patching.layouts import LayoutSpec
 from patchrec_dist.patching.prompt import resolve_template
-from patchrec_dist.train.config import ATTN_IMPLEMENTATIONS, STAGES, _f, check_attn_implementation
+from patchrec_dist.train.config import (
+    ATTN_IMPLEMENTATIONS,
+    STAGES,
+    _f,
+    check_attn_implementation,
+    read_run_config,
+)
 from patchrec_dist.train.distributed import init_distributed
 
 
@@ -81,49 +87,24 @@ class EvalConfig:
         return self.output or storage.join(self.run or self.model, f"eval-{self.split}")
 
 
-def _run_config(run: str) -> dict[str, Any]:
-    return json.loads(storage.read_bytes(storage.join(run, "config.json")))
-
-
-def layout_for(cfg: EvalConfig, run_cfg: dict[str, Any]) -> LayoutSpec:
-    """The layout the model was trained with, unless flags say otherwise. PPT trains on random
-    layouts; its deterministic evaluation is all text (p = 0), which its paired copies train."""
-    stage = cfg.stage or run_cfg.get("stage", "text")
-    if stage == "ppt":
-        stage = "text"
-    pick = lambda name, default: getattr(cfg, name) if getattr(cfg, name) is not None else run_cfg.get(name, default)  # noqa: E731
-    return LayoutSpec(stage=stage, item_len=pick("item_len", 5), group_size=pick("group_size", 5),
-                      max_text_items=pick("max_text_items", None), max_positions=pick("max_positions", None),
-                      session_gap=run_cfg.get("session_gap"), max_session_items=run_cfg.get("max_session_items"))
-
-
-def eval_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype: auto is bf16 on GPUs (half the memory and twice the speed of fp32; what training
-    ran in there) and fp32 on CPU, where bf16 matmuls are slow."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from patchrec_dist.evaluate.generate import GenerationCollator, generate_topk
     from patchrec_dist.evaluate.metrics import Prediction, finalize, format_table, score_sums
-    from patchrec_dist.evaluate.recommend import load_for_generation
 
     rank, world, device = init_distributed(cfg.dist_timeout_s, deepspeed_comm=False)
     manifest = load_manifest(cfg.data)
     titles = catalog_titles(manifest)
     model_source = storage.join(cfg.run, "final") if cfg.run else cfg.model
     model_dir = _model_folder(cfg, model_source)
-    run_cfg = _run_config(cfg.run) if cfg.run else {}
+    run_cfg = read_run_config(cfg.run) if cfg.run else {}
     template = resolve_template(manifest.prompt, cfg.prompt_file or run_cfg.get("prompt_file"),
                                 cfg.domain or run_cfg.get("domain"))
     loaded = load_for_generation(model_dir, titles, template, device, eval_dtype(cfg.dtype, device),
                                  cfg.attn_implementation)
     model, tokens, trie = loaded.model, loaded.tokens, loaded.trie
-    spec = layout_for(cfg, run_cfg)
+    spec = layout_for(run_cfg, cfg)
 
     stream_cfg = StreamConfig(split=cfg.split, batch_size=cfg.batch_size, shuffle=False, remainder="pad",
                               max_history=cfg.max_history or None, num_workers=cfg.num_workers,

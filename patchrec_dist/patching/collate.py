@@ -26,6 +26,7 @@ class Batch:
     num_examples: int  # rows that are real examples (not remainder padding)
     label_tokens: int  # labelled tokens in the batch: the weight of this micro-batch's loss
     answer_positions: torch.Tensor  # (N, 2) long (row, position): predicted_positions(labels), the only logits read
+    input_tokens: int = 0  # positions fed, padding excluded (tokens/s; counted here, in the data workers)
     row_positions: list[tuple[int, int]] = field(default_factory=list)  # (history, all-text) positions per row
     pads: list[bool] = field(default_factory=list)  # rows that only fill the last batch (remainder="pad")
     indices: list[int] = field(default_factory=list)  # examples' positions in the epoch order
@@ -127,7 +128,7 @@ def collate_features(feats: list[Features], tokens: PromptTokens, padding_side: 
     return Batch(
         input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=label_tensor,
         patches=index, num_examples=sum(not f.pad for f in feats),
-        label_tokens=int(sum(f.label_end - f.label_start for f in feats)),
+        label_tokens=int(sum(f.label_end - f.label_start for f in feats)), input_tokens=int(lengths.sum()),
         answer_positions=predicted_positions(label_tensor),
         row_positions=[(f.history_positions, f.text_positions) for f in feats],
         pads=[f.pad for f in feats], indices=[f.index for f in feats], examples=[(f.user, f.position) for f in feats],

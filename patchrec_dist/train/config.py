@@ -192,6 +192,19 @@ def build_parser(cls: type = TrainConfig, defaults: dict[str, Any] | None = None
     return p
 
 
+RUN_CONFIG_FILE = "config.json"  # the resolved TrainConfig, saved at the top of every run's folder
+
+
+def read_run_config(run: str) -> dict[str, Any]:
+    """A training run's saved config (folder or URL); FileNotFoundError naming the run when it has none."""
+    from patchrec_dist.data import storage
+
+    url = storage.join(run, RUN_CONFIG_FILE)
+    if not storage.exists(url):
+        raise FileNotFoundError(f"--run {run}: no {RUN_CONFIG_FILE} there: not a training run's folder")
+    return json.loads(storage.read_bytes(url))
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     text = Path(path).read_text()
     data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)

@@ -252,9 +252,12 @@ def export_patch_table(run: str, out: str, data: str | None = None) -> str:
     from patchrec_dist.model.load import run_export_dir
     from patchrec_dist.model.patch_table import write_patch_table
     from patchrec_dist.patching.prompt import PATCHREC_TOKENS, build_prompt_tokens, resolve_template
+    from patchrec_dist.train.config import read_run_config
 
-    config_url = storage.join(run, "config.json")
-    run_cfg = json.loads(storage.read_bytes(config_url)) if storage.exists(config_url) else {}
+    try:
+        run_cfg = read_run_config(run)
+    except FileNotFoundError:  # an HF folder: --data names the catalog
+        run_cfg = {}
     data = data or run_cfg.get("data")
     if not data:
         raise FileNotFoundError(f"{run}: no config.json naming the data set; give --data")

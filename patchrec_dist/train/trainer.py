@@ -35,7 +35,7 @@ from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import ppt_probability
 from patchrec_dist.patching.prompt import IGNORE_INDEX, build_prompt_tokens, resolve_template
 from patchrec_dist.train.checkpoint import CheckpointError, CheckpointManager, config_diff, tag_for_step
-from patchrec_dist.train.config import RESUME_NEUTRAL, TrainConfig
+from patchrec_dist.train.config import RESUME_NEUTRAL, RUN_CONFIG_FILE, TrainConfig
 from patchrec_dist.train.distributed import init_distributed
 from patchrec_dist.train.signals import RESUME_EXIT_CODE, StopFlag
 
@@ -199,7 +199,7 @@ def train_step(engine: Any, micro_batches: Iterator[Batch], grad_accum: int, wor
     wait = time.perf_counter() - t0
     local = [sum(b.label_tokens for b in batches), sum(b.num_examples for b in batches),
              sum(b.history_positions for b in batches), sum(b.text_positions for b in batches),
-             sum(b.patches.num_patches for b in batches), sum(int(b.attention_mask.sum()) for b in batches)]
+             sum(b.patches.num_patches for b in batches), sum(b.input_tokens for b in batches)]
     tokens, examples, hist, text, patches, inputs = all_reduce_sum(local, device)
     scale = world * grad_accum / max(1.0, tokens)  # DeepSpeed averages over ranks and micro-steps
     loss_sum, timings = 0.0, {}
@@ -263,7 +263,7 @@ def write_run_files(cfg: TrainConfig, tokenizer: Any, model: Any, rank: int) -> 
                  for sub in ("tokenizer", "model_config") for name in os.listdir(os.path.join(tmp, sub))}
         for rel, src in files.items():
             storage.write_bytes_atomic(storage.join(cfg.output, rel), Path(src).read_bytes())
-    storage.write_bytes_atomic(storage.join(cfg.output, "config.json"),
+    storage.write_bytes_atomic(storage.join(cfg.output, RUN_CONFIG_FILE),
                                json.dumps(cfg.to_dict(), indent=2).encode())
 
 
