@@ -6,9 +6,12 @@
 
 Fine-tunes the same base model for the same number of steps with each layout (text with the
 last 20 items, text with the last 100, PFT-I(5), PFT-S(g)), evaluates each on the same test
-users, runs the baselines (popularity, SASRec) on those users, and writes HR@K / NDCG@K with the
-positions each layout feeds per example to bench/results/quality-<dataset>.json and a plot of
-HR@20 against positions fed (quality-<dataset>.png). Runs go through the launchers (DeepSpeed,
+users, runs the baselines (popularity, SASRec, trained to early stopping) on those users, and
+writes HR@K / NDCG@K with the positions each layout feeds per example to
+bench/results/quality-<dataset>.json and a plot of HR@20 against positions fed
+(quality-<dataset>.png). Every row is scored twice: with the user's history not masked (the
+released PatchRec protocol: "metrics") and masked (--exclude-seen, RecBole's and HSTU's
+protocol: "metrics_seen_masked"), so the numbers can be set beside either. Runs go through the launchers (DeepSpeed,
 ZeRO-3) with the demo's machinery, so a rerun resumes where it stopped.
 """
 
@@ -26,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from patchrec_dist.data import storage  # noqa: E402
 from patchrec_dist.demo import Demo, DemoConfig, machine_summary  # noqa: E402
+from patchrec_dist.evaluate.metrics import seen_protocol  # noqa: E402
 
 LAYOUTS = {
     "text(20)": ["--stage", "text", "--max-text-items", "20"],
@@ -77,16 +81,19 @@ def run_quality(args: argparse.Namespace) -> dict:
         run = demo.train(f"ft-{label}", "launchers/finetune.py",
                          ["--data", data, "--model", model, *LAYOUTS[layout], "--max-steps", str(args.steps),
                           "--lr", str(args.lr)])
-        rows[layout] = demo.evaluate(label, data, ["--run", run], Path(run) / "eval-test")
+        source = ["--run", run]
+        rows[layout] = summarize(demo.evaluate(label, data, source, Path(run) / "eval-test", exclude_seen=False),
+                                 demo.evaluate(label, data, source, Path(run) / "eval-test", exclude_seen=True))
     for b in cfg.baseline_names():
-        rows[b] = demo.baseline(b, data)
+        rows[b] = summarize(demo.baseline(b, data, exclude_seen=False), demo.baseline(b, data, exclude_seen=True))
     result = {
         "benchmark": "quality",
         "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
         "data": name, "model": args.model, "steps": args.steps, "lr": args.lr, "micro_batch": args.micro_batch,
         "ranks": args.ranks, "examples": next(iter(rows.values()))["examples"] if rows else 0,
         "machine": machine_summary(args.cpu),
-        "rows": {k: summarize(v) for k, v in rows.items()},
+        "history": {"metrics": seen_protocol(False), "metrics_seen_masked": seen_protocol(True)},
+        "rows": rows,
         "timings_s": {k: round(v, 1) for k, v in demo.timings.items()},
         "total_s": round(time.perf_counter() - t0, 1),
     }
@@ -97,11 +104,20 @@ def run_quality(args: argparse.Namespace) -> dict:
     return result
 
 
-def summarize(metrics_json: dict) -> dict:
-    return {"metrics": {k: v for k, v in metrics_json["metrics"].items() if k.startswith(("HR@", "NDCG@"))},
-            "positions_fed_per_example": metrics_json.get("positions_fed_per_example"),
-            "prompt_tokens_per_example": metrics_json.get("prompt_tokens_per_example"),
-            "examples": metrics_json["examples"]}
+def summarize(unmasked: dict, masked: dict) -> dict:
+    """One row from the metrics.json of the same model scored without and with --exclude-seen."""
+    def ranking(m: dict) -> dict:
+        return {k: v for k, v in m["metrics"].items() if k.startswith(("HR@", "NDCG@"))}
+
+    assert not unmasked["exclude_seen"] and masked["exclude_seen"] and unmasked["examples"] == masked["examples"]
+    row = {"metrics": ranking(unmasked), "metrics_seen_masked": ranking(masked),
+           "positions_fed_per_example": unmasked.get("positions_fed_per_example"),
+           "prompt_tokens_per_example": unmasked.get("prompt_tokens_per_example"),
+           "examples": unmasked["examples"]}
+    if "early_stopping" in unmasked.get("baseline", {}):
+        row["epochs"] = {"unmasked": unmasked["baseline"]["early_stopping"]["best_epoch"],
+                         "seen_masked": masked["baseline"]["early_stopping"]["best_epoch"]}
+    return row
 
 
 def plot(result: dict, path: Path) -> None:
@@ -136,11 +152,13 @@ def plot(result: dict, path: Path) -> None:
 
 def print_table(result: dict) -> None:
     cols = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@10", "NDCG@20")
-    print(f"{'':12}{'positions':>10}" + "".join(f"{c:>9}" for c in cols))
-    for name, row in result["rows"].items():
-        fed = row["positions_fed_per_example"]
-        print(f"{name:12}{'-' if fed is None else f'{fed:.0f}':>10}" +
-              "".join(f"{row['metrics'].get(c, float('nan')):9.4f}" for c in cols))
+    for key, protocol in result["history"].items():
+        print(protocol)
+        print(f"{'':12}{'positions':>10}" + "".join(f"{c:>9}" for c in cols))
+        for name, row in result["rows"].items():
+            fed = row["positions_fed_per_example"]
+            print(f"{name:12}{'-' if fed is None else f'{fed:.0f}':>10}" +
+                  "".join(f"{row[key].get(c, float('nan')):9.4f}" for c in cols))
 
 
 if __name__ == "__main__":

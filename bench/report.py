@@ -15,6 +15,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from patchrec_dist.evaluate.metrics import seen_protocol  # noqa: E402
+
 BEGIN, END = "<!-- results:begin (bench/report.py writes this) -->", "<!-- results:end -->"
 
 
@@ -108,12 +112,16 @@ def quality_tables(r: dict[str, dict]) -> list[str]:
         out += ["", f"**{q['data']}**: {q['model']}, {q['steps']} fine-tuning steps per layout (micro-batch "
                 f"{q['micro_batch']} x {q['ranks']} ranks, lr {q['lr']}), first {q['examples']} test examples; "
                 f"`{q['command']}` on {_machine(q['machine'])}, {q['total_s'] / 60:.0f} min. "
-                f"Plot: `bench/results/{key}.png`.", "",
-                "| model | positions fed | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-        for name, row in q["rows"].items():
-            fed = row["positions_fed_per_example"]
-            out.append(f"| {name} | {'-' if fed is None else f'{fed:.0f}'} | " +
-                       " | ".join(f"{row['metrics'].get(c, float('nan')):.4f}" for c in cols) + " |")
+                f"Plot: `bench/results/{key}.png`."]
+        # older results files were scored one way only, without masking the history
+        protocols = q.get("history", {"metrics": seen_protocol(False)})
+        for metrics_key, protocol in protocols.items():
+            out += ["", f"{protocol[0].upper()}{protocol[1:]}:", "",
+                    "| model | positions fed | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+            for name, row in q["rows"].items():
+                fed = row["positions_fed_per_example"]
+                out.append(f"| {name} | {'-' if fed is None else f'{fed:.0f}'} | " +
+                           " | ".join(f"{row[metrics_key].get(c, float('nan')):.4f}" for c in cols) + " |")
     return out
 
 
@@ -128,7 +136,8 @@ def demo_table(r: dict[str, dict]) -> list[str]:
            f"{d['total_s'] / 60:.1f} min on {_machine(d.get('machine', {}))} (`{d.get('command', 'make demo')}`, "
            "set-up, wheel downloads and the one-time GGUF conversion not included). History positions fed: "
            f"{d['positions']['history_positions_fed_per_example']:.0f} per example against "
-           f"{d['positions']['history_positions_all_text_per_example']:.0f} as all text.", "",
+           f"{d['positions']['history_positions_all_text_per_example']:.0f} as all text; "
+           f"{d.get('history', seen_protocol(False))}.", "",
            "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, m in d["metrics"].items():
         out.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in cols) + " |")

@@ -30,9 +30,11 @@ from rich.console import Console
 from rich.table import Table
 
 from patchrec_dist.data import storage
+from patchrec_dist.evaluate.metrics import seen_protocol
 from patchrec_dist.train.config import _f, parse_config
 
 METRIC_COLUMNS = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
+MASKED_SUFFIX = "-seen-masked"  # the output folder of an evaluation or baseline run with --exclude-seen
 
 
 @dataclass
@@ -57,7 +59,9 @@ class DemoConfig:
     eval_batch: int = _f(8, "examples per generation batch on each rank")
     eval_untrained: bool = _f(True, "also evaluate the base model before training")
     baselines: str = _f("popularity,sasrec", "comma-separated baselines on the same test users ('' for none)")
-    sasrec_epochs: int | None = _f(None, "SASRec epochs (default: the baseline's own)")
+    sasrec_epochs: int | None = _f(None, "SASRec's epoch cap (default: the baseline's own; it stops early on val)")
+    exclude_seen: bool = _f(False, "mask the user's whole history in every row (RecBole's, HSTU's protocol); "
+                                   "default: not masked, as the released PatchRec protocol")
     seed: int = _f(42, "seed for data order, layouts and initialisation")
     fresh: bool = _f(False, "delete earlier demo runs and start over")
     record: str = _f("", "also write the report here (bench/results/demo.json feeds README's results)")
@@ -155,29 +159,36 @@ class Demo:
         self.timings[name] = self.launch(name, launcher, [*common, *flags], self.cfg.ranks)
         return str(run)
 
-    def evaluate(self, name: str, data: str, source: list[str], output: Path) -> dict[str, Any]:
+    def evaluate(self, name: str, data: str, source: list[str], output: Path,
+                 exclude_seen: bool | None = None) -> dict[str, Any]:
+        """EXCLUDE_SEEN (default: the demo's --exclude-seen) masks the history; its own output folder."""
+        masked = self.cfg.exclude_seen if exclude_seen is None else exclude_seen
+        output, name = (output.with_name(output.name + MASKED_SUFFIX), name + MASKED_SUFFIX) if masked else (output, name)
         metrics = output / "metrics.json"
         if not metrics.exists():
             flags = ["--data", data, *source, "--output", str(output), "--beams", str(self.cfg.beams),
                      "--batch-size", str(self.cfg.eval_batch), "--max-history", str(self.cfg.max_history),
-                     *self.subset_flags()]
+                     *self.subset_flags(masked)]
             self.timings[f"eval {name}"] = self.launch(f"eval-{name}", "launchers/evaluate.py", flags, self.cfg.ranks)
         return json.loads(metrics.read_text())
 
-    def baseline(self, name: str, data: str) -> dict[str, Any]:
-        output = self.runs / f"baseline-{name}"
+    def baseline(self, name: str, data: str, exclude_seen: bool | None = None) -> dict[str, Any]:
+        masked = self.cfg.exclude_seen if exclude_seen is None else exclude_seen
+        run = f"baseline-{name}" + (MASKED_SUFFIX if masked else "")
+        output = self.runs / run
         metrics = output / "metrics.json"
         if not metrics.exists():
             flags = ["--baseline", name, "--data", data, "--output", str(output), "--seed", str(self.cfg.seed),
-                     "--max-history", str(self.cfg.max_history), *self.subset_flags()]
+                     "--max-history", str(self.cfg.max_history), *self.subset_flags(masked)]
             if name == "sasrec" and self.cfg.sasrec_epochs is not None:
                 flags += ["--epochs", str(self.cfg.sasrec_epochs)]
-            self.timings[f"baseline {name}"] = self.launch(f"baseline-{name}", "launchers/baseline.py", flags, 0)
+            self.timings[run.replace("-", " ", 1)] = self.launch(run, "launchers/baseline.py", flags, 0)
         return json.loads(metrics.read_text())
 
     # -- plumbing ---------------------------------------------------------------------------
-    def subset_flags(self) -> list[str]:
-        return ["--max-examples", str(self.cfg.eval_examples)] if self.cfg.eval_examples else []
+    def subset_flags(self, exclude_seen: bool = False) -> list[str]:
+        flags = ["--max-examples", str(self.cfg.eval_examples)] if self.cfg.eval_examples else []
+        return flags + (["--exclude-seen"] if exclude_seen else [])
 
     def launch(self, name: str, launcher: str, flags: list[str], nproc: int) -> float:
         from patchrec_dist.runner import run_launcher
@@ -240,6 +251,8 @@ def build_report(cfg: DemoConfig, results: dict[str, dict[str, Any]], demo: Demo
         "machine": machine_summary(cfg.cpu),
         "examples": llm["examples"],
         "split": llm["split"],
+        "exclude_seen": cfg.exclude_seen,
+        "history": seen_protocol(cfg.exclude_seen),
         "metrics": {name: r["metrics"] for name, r in results.items()},
         "positions": {
             "layout": llm.get("layout"),
@@ -264,7 +277,8 @@ def machine_summary(cpu: bool) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"{report['split']} set, first {report['examples']} examples (same users for every row)")
+    table = Table(title=f"{report['split']} set, first {report['examples']} examples (same users for every row); "
+                        f"{report['history']}")
     table.add_column("model")
     for c in METRIC_COLUMNS:
         table.add_column(c, justify="right")

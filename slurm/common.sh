@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Shared by slurm/pretrain.sh, finetune.sh and evaluate.sh (sourced).
+# Shared by slurm/pretrain.sh, finetune.sh, evaluate.sh and recommend.sh (sourced).
 #
 # How a job runs (one code path for 1 or N nodes, the same as a submitit stage's):
 #
-#   batch shell (pretrain.sh / finetune.sh / evaluate.sh, on the job's first node)
+#   batch shell (pretrain.sh / finetune.sh / evaluate.sh / recommend.sh, on the job's first node)
 #     `-- srun --ntasks-per-node=1  python -m patchrec_dist.launch --nproc NPROC_PER_NODE SCRIPT ...
 #           `-- (one per node) NPROC_PER_NODE rank processes: SCRIPT ... --local_rank=i
 #

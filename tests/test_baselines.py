@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from patchrec_dist.baselines.run import (
     BaselineConfig,
@@ -19,7 +20,7 @@ from patchrec_dist.baselines.run import (
     run_baseline,
     train_users,
 )
-from patchrec_dist.baselines.sasrec import UserSequence, training_windows
+from patchrec_dist.baselines.sasrec import SASRecConfig, UserSequence, fit_sasrec, training_windows
 from patchrec_dist.data.manifest import load_manifest
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
 from patchrec_dist.evaluate.metrics import KS
@@ -167,17 +168,68 @@ def test_sasrec_windows_train_each_target_once_on_its_own_prefix():
 
 @pytest.mark.timeout(120)
 def test_sasrec_learns_the_cyclic_pattern_deterministically(learnable_dataset, tmp_path):
-    def run(out: Path) -> dict:
+    def run(out: Path, **over) -> dict:
         return run_baseline(BaselineConfig(data=learnable_dataset, baseline="sasrec", output=str(out),
-                                           epochs=15, hidden=32, batch_size=8, dropout=0.1, lr=3e-3))
+                                           **{"epochs": 15, "hidden": 32, "batch_size": 8, "dropout": 0.1,
+                                              "lr": 3e-3, "patience": 0, **over}))
 
     first, second = run(tmp_path / "a"), run(tmp_path / "b")
     # 20 items: chance is HR@1 = 0.05
     assert first["examples"] == 48 and first["metrics"]["HR@1"] >= 0.9, first["metrics"]
     assert first["baseline"]["params"]["max_len"] == 50 and first["baseline"]["parameters"] > 0
     assert first["baseline"]["epoch_losses"][-1] < first["baseline"]["epoch_losses"][0]
+    assert first["baseline"]["epochs_run"] == 15 and "early_stopping" not in first["baseline"]
     assert (tmp_path / "a" / "predictions.jsonl").read_text() == (tmp_path / "b" / "predictions.jsonl").read_text()
     assert first["metrics"] == second["metrics"]
+
+    # early stopping, validated on the val split: here its NDCG@10 reaches 1.0 within a few epochs and
+    # stays there, so training ends `patience` epochs after the first epoch that reached it
+    stopped = run(tmp_path / "c", patience=3)["baseline"]
+    es = stopped["early_stopping"]
+    assert es["split"] == "val" and es["metric"] == "NDCG@10" and es["patience"] == 3
+    assert stopped["stopped"] == "early" and stopped["epochs_run"] == es["best_epoch"] + 3 < 15
+    assert len(es["val_scores"]) == stopped["epochs_run"] and es["val_scores"][es["best_epoch"] - 1] == 1.0
+    assert max(es["val_scores"][: es["best_epoch"] - 1]) < 1.0
+
+
+def small_sasrec(**over) -> SASRecConfig:
+    return SASRecConfig(**{"max_len": 10, "hidden": 8, "blocks": 1, "heads": 1, "dropout": 0.0, "epochs": 12,
+                           "patience": 3, "batch_size": 4, "lr": 1e-2, **over})
+
+
+CYCLE_USERS = [UserSequence(np.arange(s, s + 30) % 7, 3, 27) for s in range(4)]
+
+
+def test_early_stopping_ends_after_patience_epochs_and_keeps_the_best_epochs_weights():
+    # validation scores written in advance: best at epoch 2, then 3 epochs without a better one
+    script = iter([0.1, 0.3, 0.2, 0.3, 0.25, 0.9, 0.9])
+    states: list[dict] = []
+
+    def validate(model) -> float:
+        assert not model.training
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(script)
+
+    model, report = fit_sasrec(CYCLE_USERS, 7, small_sasrec(), validate=validate, log=False)
+    assert len(states) == len(report.epoch_losses) == 5  # 2 + patience 3 (a tie does not count as better)
+    assert report.stopped == "early" and report.best_epoch == 2 and report.val_scores == [0.1, 0.3, 0.2, 0.3, 0.25]
+    final = model.state_dict()
+    assert all(torch.equal(final[k], states[1][k]) for k in final)
+    assert not all(torch.equal(final[k], states[-1][k]) for k in final)  # training did move on after epoch 2
+
+
+def test_without_patience_every_epoch_runs_and_nothing_is_validated():
+    def validate(model) -> float:
+        raise AssertionError("validated with --patience 0")
+
+    _, report = fit_sasrec(CYCLE_USERS, 7, small_sasrec(patience=0, epochs=4), validate=validate, log=False)
+    assert len(report.epoch_losses) == 4 and report.stopped == "cap" and report.best_epoch is None
+
+
+def test_a_rising_validation_score_runs_to_the_cap_and_keeps_the_last_epoch():
+    scores = iter(range(100))
+    _, report = fit_sasrec(CYCLE_USERS, 7, small_sasrec(epochs=6), validate=lambda m: next(scores), log=False)
+    assert report.stopped == "cap" and report.best_epoch == 6 and len(report.val_scores) == 6
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
@@ -199,6 +251,9 @@ def test_cli_runs_and_bad_flags_exit_2_naming_the_flag(hand_dataset, tmp_path):
 @pytest.mark.parametrize("args, flag", [
     (["--epochs", "0"], "--epochs"), (["--epochs", "many"], "--epochs"), (["--max-examples", "0"], "--max-examples"),
     (["--hidden", "30", "--heads", "4"], "--hidden"), (["--split", "dev"], "--split"), ([], "--output"),
+    (["--patience", "-1"], "--patience"), (["--stop-metric", "MRR@10"], "--stop-metric"),
+(["--baseline", "sasrec", "--stop-metric", "HR@20", "--top-k", "10"], "--stop-metric"), (["--val-examples", "0"], "--val-examples"),
+    (["--baseline", "sasrec", "--split", "val"], "--patience"),
 ])
 def test_bad_flags_are_refused_by_the_launchers_parser(args, flag, capsys):
     # launchers/baseline.py is this parse_config call plus run_baseline (the CLI test above runs it)

@@ -120,6 +120,11 @@ def test_quality_bench_writes_json_and_plot(tiny_model_folder, tmp_path):
     text, pfts = q["rows"]["text(20)"], q["rows"]["pft-s(5)"]
     assert 0 < pfts["positions_fed_per_example"] < text["positions_fed_per_example"]
     assert q["rows"]["popularity"]["positions_fed_per_example"] is None
+    # every row scored both ways, from runs with and without --exclude-seen (summarize checks which is which)
+    assert set(q["history"]) == {"metrics", "metrics_seen_masked"} and "not masked" in q["history"]["metrics"]
+    assert all(set(r["metrics"]) == set(r["metrics_seen_masked"]) for r in q["rows"].values())
+    assert (tmp_path / "work" / "ml-100k" / "runs" / "baseline-popularity-seen-masked" / "metrics.json").exists()
+    assert "history masked (--exclude-seen" in proc.stdout
     assert (results / "quality-ml-100k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([*cmd[:2], "--layouts", "text(7)"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--layouts" in bad.stderr

@@ -254,13 +254,28 @@ def test_existing_output_needs_overwrite_and_refused_run_keeps_it(tmp_path, caps
     bad = _csv_log(tmp_path, GOOD.replace("300", "later"))
     assert shard([*bad, "--output", str(out), "--overwrite", "--split", "leave-one-out"]) == 2
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    # a successful --overwrite replaces it and removes the old generation's files
+    # a successful --overwrite replaces it and removes the old generation's files, and the shards and
+    # temporary files of a run killed before it cleaned up; a user's files beside the data set and a
+    # second data set in a subfolder stay
     old = load_manifest(str(out))
-    args = _csv_log(tmp_path, GOOD)
+    (out / "NOTES.md").write_text("mine")
+    (out / "shards" / "README").write_text("mine too")
+    args = _csv_log(tmp_path, GOOD)  # the bad log above was written over the same files
+    assert shard([*args, "--output", str(out / "sub"), "--split", "leave-one-out"]) == 0
+    sub_before = {p: p.read_bytes() for p in (out / "sub").rglob("*") if p.is_file()}
+    killed = [out / "shards" / "20260101T000000-abcdef-00003.tar", out / "manifest.json.tmp-4242",
+              out / "catalog-20260101T000000-abcdef.parquet"]
+    for path in killed:
+        path.write_bytes(b"left by a killed run")
     assert shard([*args, "--output", str(out), "--overwrite", "--split", "global-time"]) == 0
     new = load_manifest(str(out))
     assert new.generation != old.generation
     assert not (out / old.shards[0].path).exists() and (out / new.shards[0].path).exists()
+    assert not any(path.exists() for path in killed) and not (out / old.catalog["path"]).exists()
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "shards" / "README").read_text() == "mine too"
+    assert {p: p.read_bytes() for p in (out / "sub").rglob("*") if p.is_file()} == sub_before
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "sub" not in p.parts) == \
+        sorted(["NOTES.md", "shards/README", "manifest.json", new.catalog["path"], *(s.path for s in new.shards)])
 
 
 def test_reader_refuses_missing_manifest_and_altered_shards(tmp_path, small_dataset):

@@ -199,7 +199,7 @@ def test_usr1_saves_requeues_and_resumes_exactly(runs):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
 
 
-def test_pipeline_chains_the_three_stages_and_skips_finished_ones(learnable_dataset, jobs, tmp_path):
+def test_pipeline_chains_the_three_stages_skips_finished_ones_then_recommends(learnable_dataset, jobs, tmp_path):
     """`bash slurm/pipeline.sh`: pretrain -> finetune (initialised from pretrain) -> evaluate, chained
     with afterok; submitted again, it finds every stage finished and submits nothing."""
     runs = tmp_path / "runs"
@@ -228,6 +228,19 @@ def test_pipeline_chains_the_three_stages_and_skips_finished_ones(learnable_data
     again = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh")], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "job " not in again.stdout and again.stdout.count("finished already") == 3
+
+    # then `sbatch slurm/recommend.sh` on the fine-tuned run: every user, over the job's 2 ranks, into
+    # RUN/recommendations (its default), through the same per-node launch path
+    rec_env = {**os.environ, "PATCHREC_CPU": "1", "RUN": str(runs / "finetune"), "PYTHONUNBUFFERED": "1",
+               "REC_ARGS": "--top-k 3 --beams 4 --batch-size 16"}
+    rec = subprocess.run(sbatch_cmd("recommend.sh", tmp_path / "logs", "--wait"), cwd=tmp_path, env=rec_env,
+                         capture_output=True, text=True, timeout=240)
+    job = rec.stdout.strip().split(";")[0]
+    jobs.append(job)
+    assert rec.returncode == 0, job_log(tmp_path / "logs", job)[-4000:]
+    summary = json.loads((runs / "finetune" / "recommendations" / "recommendations.json").read_text())
+    assert summary["users"] == 48 and summary["rows"] == 3 * 48 and summary["ranks"] == 2
+    assert summary["run"] == str(runs / "finetune") and summary["data"] == learnable_dataset
 
 
 def test_term_to_the_steps_saves_requeues_and_resumes(learnable_dataset, jobs, tmp_path):

@@ -8,8 +8,13 @@ first `max_examples` examples of the split in the stream's unshuffled order, the
 Same metrics: each example's ranked items become ranked *titles* (the first `top_k` distinct
 titles, each standing for every catalog item with that title, as a leaf of the LLM's title trie
 does), scored by `patchrec_dist.evaluate.metrics` (`score_sums` / `finalize`, strict by default).
-Nothing is excluded from the ranking, not even the history's items: the LLM evaluation does not
-exclude them either, and excluding them would make the numbers incomparable.
+By default nothing is excluded from the ranking, not even the history's items, as in the LLM
+evaluation's default (the released PatchRec protocol); `--exclude-seen` masks the user's whole
+history in both (RecBole's and HSTU's protocol).
+
+Trained to convergence: SASRec is validated after every epoch on the val split (the same metric
+code, `--stop-metric`), stops once `--patience` epochs bring no improvement (or at the `--epochs`
+cap) and is evaluated with its best epoch's weights.
 
 Writes OUTPUT/metrics.json (the LLM's keys "metrics", "split", "examples", "scoring", plus
 "baseline") and OUTPUT/predictions.jsonl (the LLM's line format).
@@ -32,7 +37,7 @@ from patchrec_dist.data import storage
 from patchrec_dist.data.catalog import catalog_titles
 from patchrec_dist.data.manifest import DataSetError, Manifest, load_manifest
 from patchrec_dist.data.stream import Example, StreamConfig, iter_examples, load_window, plan_epoch
-from patchrec_dist.evaluate.metrics import Prediction, TitleIndex, finalize, format_table, score_sums
+from patchrec_dist.evaluate.metrics import KS, Prediction, TitleIndex, finalize, format_table, score_sums
 from patchrec_dist.train.config import _f
 
 BASELINES = ("popularity", "sasrec")
@@ -57,7 +62,10 @@ class BaselineConfig:
     blocks: int = _f(2, "sasrec: self-attention blocks")
     heads: int = _f(2, "sasrec: attention heads")
     dropout: float = _f(0.2, "sasrec: dropout")
-    epochs: int = _f(15, "sasrec: passes over the training targets")
+    epochs: int = _f(200, "sasrec: most passes over the training targets (early stopping usually ends sooner)")
+    patience: int = _f(5, "sasrec: stop after this many epochs without a better validation score; 0: no early stopping")
+    stop_metric: str = _f("NDCG@10", "sasrec: the validation metric early stopping follows (HR@K or NDCG@K)")
+    val_examples: int | None = _f(None, "sasrec: validate on the first N val examples (default: all)")
     batch_size: int = _f(128, "sasrec: training windows per step")
     lr: float = _f(3e-3, "sasrec: AdamW learning rate")
     weight_decay: float = _f(0.0, "sasrec: AdamW weight decay")
@@ -83,13 +91,27 @@ class BaselineConfig:
             raise ValueError(f"--dropout must be in [0, 1); got {self.dropout}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0; got {self.lr}")
+        if self.patience < 0:
+            raise ValueError(f"--patience must be >= 0; got {self.patience}")
+        if self.val_examples is not None and self.val_examples < 1:
+            raise ValueError(f"--val-examples must be >= 1; got {self.val_examples}")
+        name, _, k = self.stop_metric.partition("@")
+        if name not in ("HR", "NDCG") or not k.isdigit() or int(k) not in KS:
+            raise ValueError(f"--stop-metric must be HR@K or NDCG@K with K in {KS}; got {self.stop_metric!r}")
+        if self.baseline != "sasrec" or not self.patience:
+            return
+        if int(k) > self.top_k:
+            raise ValueError(f"--stop-metric {self.stop_metric} needs --top-k >= {k}; got --top-k {self.top_k}")
+        if self.split == "val":
+            raise ValueError("--split val with --patience > 0 would choose the epoch on the split it reports: "
+                             "evaluate --split test, or pass --patience 0")
 
     def sasrec_config(self) -> SASRecConfig:
         # the model never sees more history than the LLM's examples hold
         max_len = min(self.max_len, self.max_history) if self.max_history else self.max_len
         return SASRecConfig(max_len=max_len, hidden=self.hidden, blocks=self.blocks, heads=self.heads,
-                            dropout=self.dropout, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                            weight_decay=self.weight_decay, seed=self.seed)
+                            dropout=self.dropout, epochs=self.epochs, patience=self.patience,
+                            batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, seed=self.seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +197,8 @@ def predict(score_fn: ScoreFn, examples: list[Example], index: TitleIndex, top_k
 # the baselines
 
 
-def fit_popularity(users: list[UserSequence], n_items: int, cfg: BaselineConfig) -> tuple[ScoreFn, dict]:
+def fit_popularity(users: list[UserSequence], n_items: int, cfg: BaselineConfig, manifest: Manifest,
+                   index: TitleIndex) -> tuple[ScoreFn, dict]:
     model = Popularity(n_items).fit(counted_interactions(users, cfg.max_history))
     info = {"params": {"max_history": cfg.max_history},
             "counted": "each train-split interaction that some train example shows as target or history "
@@ -184,13 +207,34 @@ def fit_popularity(users: list[UserSequence], n_items: int, cfg: BaselineConfig)
     return model.scores, info
 
 
-def fit_sasrec_baseline(users: list[UserSequence], n_items: int, cfg: BaselineConfig) -> tuple[ScoreFn, dict]:
+def validation_score(manifest: Manifest, index: TitleIndex, cfg: BaselineConfig) -> Callable[[Any], float]:
+    """model -> cfg.stop_metric on the val split, ranked and scored as the reported split is."""
+    examples = eval_examples(manifest, "val", cfg.val_examples, cfg.max_history, keep_seen=cfg.exclude_seen)
+    if not examples:
+        raise DataSetError(f"{cfg.data}: the val split has no examples to stop early on (pass --patience 0)")
+
+    def score(model: Any) -> float:
+        preds = predict(lambda h: sasrec_scores(model, h), examples, index, cfg.top_k, cfg.eval_batch_size,
+                        exclude_seen=cfg.exclude_seen)
+        return finalize(score_sums([p for p, _ in preds], index, scoring=cfg.scoring))[cfg.stop_metric]
+
+    return score
+
+
+def fit_sasrec_baseline(users: list[UserSequence], n_items: int, cfg: BaselineConfig, manifest: Manifest,
+                        index: TitleIndex) -> tuple[ScoreFn, dict]:
     scfg = cfg.sasrec_config()
-    model, report = fit_sasrec(users, n_items, scfg)
+    validate = validation_score(manifest, index, cfg) if cfg.patience else None
+    model, report = fit_sasrec(users, n_items, scfg, validate=validate)
     info = {"params": asdict(scfg), "parameters": report.parameters, "train_targets": report.targets,
             "train_windows": report.windows, "train_cpu_seconds": round(report.cpu_seconds, 3),
+            "epochs_run": len(report.epoch_losses), "stopped": report.stopped,
             "epoch_losses": [round(x, 5) for x in report.epoch_losses],
             "torch_threads": torch.get_num_threads()}
+    if validate is not None:
+        info["early_stopping"] = {"metric": cfg.stop_metric, "split": "val", "patience": cfg.patience,
+                                  "best_epoch": report.best_epoch,
+                                  "val_scores": [round(x, 5) for x in report.val_scores]}
     return (lambda histories: sasrec_scores(model, histories)), info
 
 
@@ -205,7 +249,7 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     index = TitleIndex(titles)
     users = train_users(manifest)
     t0 = time.perf_counter()
-    score_fn, info = FITTERS[cfg.baseline](users, len(titles), cfg)
+    score_fn, info = FITTERS[cfg.baseline](users, len(titles), cfg, manifest, index)
     train_seconds = time.perf_counter() - t0
     examples = eval_examples(manifest, cfg.split, cfg.max_examples, cfg.max_history, keep_seen=cfg.exclude_seen)
     if not examples:

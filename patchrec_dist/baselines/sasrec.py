@@ -21,14 +21,20 @@ set of (history, target) pairs is the prefix examples' set, in about `max_len` t
 forward passes; the newest targets of a window see up to `max_len` items, the oldest fewer (the
 usual SASRec trade-off). At evaluation each example's history is cut to its last `max_len` items.
 
+Early stopping: with a `validate` function (the caller's validation metric, higher is better),
+training runs until `patience` epochs in a row bring no improvement, or `epochs` (the cap), and
+the model comes back with the weights of its best epoch, as RecBole's trainer does.
+
 Deterministic on CPU for a given seed and thread count (torch uses OMP_NUM_THREADS when set).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -56,7 +62,8 @@ class SASRecConfig:
     blocks: int = 2
     heads: int = 2
     dropout: float = 0.2
-    epochs: int = 15
+    epochs: int = 200  # the cap: early stopping usually ends training well before it
+    patience: int = 5  # epochs without a better validation score before stopping; 0: run every epoch
     batch_size: int = 128  # windows per optimizer step
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -128,11 +135,20 @@ class FitReport:
     seconds: float  # wall clock
     cpu_seconds: float  # this process's CPU time: what the training cost on a busy machine
     parameters: int
+    val_scores: list[float] = field(default_factory=list)  # one per epoch, when validated
+    best_epoch: int | None = None  # 1-based: the epoch whose weights the model has
+    stopped: str = "cap"  # "early" (patience ran out) or "cap" (every epoch ran)
 
 
-def fit_sasrec(users: list[UserSequence], n_items: int, cfg: SASRecConfig,
+Validate = Callable[["SASRec"], float]  # model (in eval mode) -> validation score, higher is better
+
+
+def fit_sasrec(users: list[UserSequence], n_items: int, cfg: SASRecConfig, validate: Validate | None = None,
                log: bool = True) -> tuple[SASRec, FitReport]:
-    """Train a SASRec on the users' train targets; returns the model (in eval mode) and a report."""
+    """Train a SASRec on the users' train targets; returns the model (in eval mode) and a report.
+
+    With VALIDATE and cfg.patience > 0: stop once cfg.patience epochs in a row did not beat the best
+    validation score, and return the best epoch's weights."""
     torch.manual_seed(cfg.seed)
     model = SASRec(n_items, cfg).to(local_device())  # this rank's GPU where there is one
     windows = [w for user in users for w in training_windows(user, cfg.max_len)]
@@ -141,16 +157,29 @@ def fit_sasrec(users: list[UserSequence], n_items: int, cfg: SASRecConfig,
         raise ValueError("SASRec: the training split has no targets")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98),
                                   weight_decay=cfg.weight_decay)
-    losses, t0, cpu0 = [], time.perf_counter(), time.process_time()
+    losses, scores, t0, cpu0 = [], [], time.perf_counter(), time.process_time()
+    best, best_state, stopped = None, None, "cap"
     for epoch in range(cfg.epochs):
         losses.append(_train_epoch(model, optimizer, windows, cfg, epoch))
+        line = f"sasrec epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}"
+        if validate is not None and cfg.patience > 0:
+            model.eval()
+            scores.append(float(validate(model)))
+            line += f", validation {scores[-1]:.4f}"
+            if best is None or scores[-1] > scores[best]:
+                best, best_state = epoch, copy.deepcopy(model.state_dict())
+            elif epoch - best >= cfg.patience:
+                stopped = "early"
         if log:
-            print(f"sasrec epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f} "
-                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
+            print(f"{line} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        if stopped == "early":
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     params = sum(p.numel() for p in model.parameters())
     return model, FitReport(len(windows), targets, losses, time.perf_counter() - t0, time.process_time() - cpu0,
-                            params)
+                            params, scores, None if best is None else best + 1, stopped)
 
 
 def _train_epoch(model: SASRec, optimizer: torch.optim.Optimizer, windows: list, cfg: SASRecConfig,

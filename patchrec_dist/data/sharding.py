@@ -16,6 +16,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -41,6 +42,12 @@ from patchrec_dist.data.readers import InputError, RawLog, align_id_types
 _TAR_MTIME = 0
 # Rough tar cost of one user beyond its arrays: three 512-byte headers, padding, json.
 _SAMPLE_OVERHEAD_BYTES = 2048
+# The names this tool gives its files (a generation id is a UTC time plus 6 hex digits), with the
+# temporary names of an atomic write: what --overwrite may remove besides the old manifest's
+# files, e.g. the shards of a run that was killed before it could clean up after itself.
+_GENERATION = r"\d{8}T\d{6}-[0-9a-f]{6}"
+_OWN_FILE = re.compile(rf"^(shards/{_GENERATION}-\d{{5}}\.tar|catalog-{_GENERATION}\.parquet|{MANIFEST_NAME})"
+                       r"(\.tmp-\d+)?$")
 
 
 @dataclass
@@ -436,8 +443,22 @@ def check_output(opts: ShardOptions) -> set[str] | None:
     if storage.exists(storage.join(out, MANIFEST_NAME), opts.storage_options):
         if not opts.overwrite:
             raise InputError(f"{out}: a data set exists there already; pass --overwrite to replace it")
-        return set(storage.list_files(out, opts.storage_options))
+        return replaced_files(out, opts.storage_options)
     return None
+
+
+def replaced_files(out: str, storage_options: dict[str, Any]) -> set[str]:
+    """What --overwrite replaces: the files the old manifest lists, and files named as this tool
+    names its own (an interrupted run's shards, temporary files); never a user's other files
+    beside the data set, nor a data set in a subfolder."""
+    listed: set[str] = set()
+    try:
+        old = json.loads(storage.read_bytes(storage.join(out, MANIFEST_NAME), storage_options))
+        listed = {s["path"] for s in old.get("shards", [])} | {old["catalog"]["path"]}
+    except (ValueError, KeyError, TypeError):
+        pass  # an unreadable manifest: only the files named as this tool names them
+    present = set(storage.list_files(out, storage_options))
+    return (listed & present) | {p for p in present if _OWN_FILE.match(p)}
 
 
 def shard_log(log: RawLog, opts: ShardOptions, source: dict[str, Any]) -> Manifest:

@@ -240,6 +240,13 @@ def score(preds: Iterable[Prediction], catalog_titles: Sequence[str] | TitleInde
     return finalize(score_sums(preds, catalog_titles, scoring, ks))
 
 
+def seen_protocol(exclude_seen: bool) -> str:
+    """How a table's numbers treat the user's own history, in the words every report uses."""
+    if exclude_seen:
+        return "history masked (--exclude-seen; RecBole's and HSTU's protocol)"
+    return "history not masked (the released PatchRec protocol)"
+
+
 def format_table(metrics: dict) -> str:
     """A small aligned text table: one row per K, columns HR and NDCG, then a summary line."""
     ks = sorted(int(key.split("@", 1)[1]) for key in metrics if key.startswith("HR@"))
