@@ -9,15 +9,11 @@ launchers/evaluate.py evaluates) and writes OUTPUT/metrics.json and OUTPUT/predi
 Exit status: 0 on success, 2 on bad flags or data.
 """
 
-import sys
-
 from patchrec_dist.baselines.run import BaselineConfig, run_baseline
-from patchrec_dist.data.manifest import DataSetError
 from patchrec_dist.train.config import parse_config
+from patchrec_dist.train.preflight import check_data
+from patchrec_dist.train.signals import run_job
 
 if __name__ == "__main__":
-    try:
-        run_baseline(parse_config(cls=BaselineConfig, description=__doc__))
-    except (ValueError, FileNotFoundError, DataSetError) as exc:
-        print(f"baseline: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_job("baseline", lambda: parse_config(cls=BaselineConfig, description=__doc__), run_baseline,
+            lambda cfg: check_data(cfg.data))

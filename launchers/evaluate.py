@@ -12,7 +12,8 @@ a run, eval/ scalars in its TensorBoard.
 
 from patchrec_dist.evaluate.run import EvalConfig, evaluate
 from patchrec_dist.train.config import parse_config
+from patchrec_dist.train.preflight import check_evaluate
 from patchrec_dist.train.signals import run_job
 
 if __name__ == "__main__":
-    run_job("evaluate", lambda: evaluate(parse_config(cls=EvalConfig, description=__doc__)))
+    run_job("evaluate", lambda: parse_config(cls=EvalConfig, description=__doc__), evaluate, check_evaluate)

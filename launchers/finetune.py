@@ -6,8 +6,9 @@ on a signal at a checkpoint: run me again (the same command) to resume".
 """
 
 from patchrec_dist.train.config import parse_config
-from patchrec_dist.train.signals import run_rank
+from patchrec_dist.train.preflight import check_train
+from patchrec_dist.train.signals import run_job
 from patchrec_dist.train.trainer import train
 
 if __name__ == "__main__":
-    run_rank(lambda: train(parse_config(defaults={"stage": "pft-s"}, description=__doc__)))
+    run_job("finetune", lambda: parse_config(defaults={"stage": "pft-s"}, description=__doc__), train, check_train)

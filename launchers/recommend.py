@@ -13,7 +13,9 @@ it skips the parts already written. Exit status: 0, or 2 on bad flags or input.
 
 from patchrec_dist.evaluate.recommend import RecommendConfig, recommend_users
 from patchrec_dist.train.config import parse_config
+from patchrec_dist.train.preflight import check_recommend
 from patchrec_dist.train.signals import run_job
 
 if __name__ == "__main__":
-    run_job("recommend", lambda: recommend_users(parse_config(cls=RecommendConfig, description=__doc__)))
+    run_job("recommend", lambda: parse_config(cls=RecommendConfig, description=__doc__), recommend_users,
+            check_recommend)

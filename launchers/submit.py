@@ -20,6 +20,7 @@ import shlex
 import sys
 
 from patchrec_dist.pipeline import pipeline_stages, submit
+from patchrec_dist.train.preflight import FlagError, check_data, check_model
 
 
 def parse_slurm(text: str) -> dict:
@@ -49,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", action="store_true", help="wait until the last stage finished")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
+    try:  # before anything is submitted: a job that fails on its flags minutes later helps nobody
+        check_data(args.data)
+        if args.model:
+            check_model(args.model)
+    except FlagError as exc:
+        print(f"submit: error: {exc}", file=sys.stderr)
+        return 2
     stages = pipeline_stages(args.data, args.runs, args.nproc, args.cpu, shlex.split(args.pretrain_args),
                              shlex.split(args.finetune_args), shlex.split(args.eval_args), args.model)
     if not stages:

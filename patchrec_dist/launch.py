@@ -54,6 +54,7 @@ from typing import Any
 
 import psutil  # imported here, never inside a signal handler: handlers nest (TERM, then USR2)
 
+from patchrec_dist.train.distributed import free_port
 from patchrec_dist.train.signals import RESUME_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,12 +68,6 @@ RESEND_S = 5.0
 REQUEUE_MARGIN_S = 15.0
 #: How long a node asks another node's slurmd whether it is alive.
 PROBE_TIMEOUT_S = 3.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def log(message: str) -> None:

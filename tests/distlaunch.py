@@ -37,13 +37,17 @@ class Launch:
 
 def launch(script: str, args: list[str], nprocs: int = 2, timeout: float = 180, env: dict | None = None,
            while_running: Callable[[subprocess.Popen], None] | None = None,
-           on_line: Callable[[str], None] | None = None) -> Launch:
-    """Run SCRIPT on NPROCS CPU ranks. WHILE_RUNNING(proc) may poke the job (signals) as it runs;
-    ON_LINE(line) sees the output as it comes. The process group is killed at the end, on failure,
-    and at TIMEOUT (then returncode is None)."""
+           on_line: Callable[[str], None] | None = None, launcher: str = "deepspeed") -> Launch:
+    """Run SCRIPT on NPROCS CPU ranks under LAUNCHER: "deepspeed" (the `deepspeed` runner) or
+    "patchrec" (`python -m patchrec_dist.launch`, the SLURM scripts' per-node launcher).
+    WHILE_RUNNING(proc) may poke the job (signals) as it runs; ON_LINE(line) sees the output as it
+    comes. The process group is killed at the end, on failure, and at TIMEOUT (then returncode is None)."""
     import threading
 
-    cmd = [*deepspeed_launcher(), "--num_gpus", str(nprocs), "--master_port", str(free_port()), script, *args]
+    if launcher == "patchrec":
+        cmd = [sys.executable, "-m", "patchrec_dist.launch", "--nproc", str(nprocs), "--cpu", script, *args]
+    else:
+        cmd = [*deepspeed_launcher(), "--num_gpus", str(nprocs), "--master_port", str(free_port()), script, *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     t0 = time.monotonic()
@@ -93,19 +97,6 @@ def rank_processes(proc: subprocess.Popen, script_name: str) -> list:
                 rank = next(int(c.split("=")[1]) for c in cmd if c.startswith("--local_rank="))
                 ranks.append((rank, child))
     return [p for _, p in sorted(ranks, key=lambda x: x[0])]
-
-
-def launcher_process(proc: subprocess.Popen):
-    """deepspeed.launcher.launch under the `deepspeed` runner: the process that owns the ranks."""
-    import psutil
-
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            if "deepspeed.launcher.launch" in " ".join(child.cmdline()):
-                return child
-        except psutil.Error:
-            continue
-    raise LookupError("no deepspeed.launcher.launch process under the runner")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -32,7 +34,37 @@ def test_config_file_and_flags(tmp_path):
     cfg = parse_config(["--config", str(cfg_file), "--micro-batch", "5", "--lora", "--max-history", "none"],
                        defaults={"stage": "ppt"})
     assert (cfg.data, cfg.micro_batch, cfg.stage, cfg.item_len, cfg.lora, cfg.max_history) == ("/d", 5, "pft-i", 7, True, None)
-    assert cfg.hash() == TrainConfig(**cfg.to_dict()).hash()
+
+
+def _another_value(f: dataclasses.Field, value):
+    if "choices" in f.metadata:
+        return next(c for c in f.metadata["choices"] if c != value)
+    if isinstance(value, bool):
+        return not value
+    if value is None:
+        return 7
+    return value + (1 if isinstance(value, (int, float)) else "-other")
+
+
+# what a resume may change (speed, memory, I/O, how long to run) and what it may not (what is trained)
+MUST_BE_NEUTRAL = {"num_workers", "log_every", "output", "save_every", "keep_last", "dist_timeout_s", "resume",
+                   "universal", "export", "max_steps", "epochs", "attn_implementation", "ds_config"}
+MUST_COUNT = {"data", "split", "max_history", "model", "init", "lora", "lora_rank", "stage", "group_size", "item_len",
+              "max_positions", "ppt_schedule", "ppt_p_max", "micro_batch", "grad_accum", "lr", "weight_decay",
+              "warmup_ratio", "grad_clip", "seed", "bf16", "tiny_hidden", "window_shards"}
+
+
+def test_every_field_that_changes_training_changes_the_resume_hash_and_no_other_does():
+    from patchrec_dist.train.config import RESUME_NEUTRAL
+
+    assert MUST_BE_NEUTRAL <= RESUME_NEUTRAL and not MUST_COUNT & RESUME_NEUTRAL
+    base = TrainConfig(data="/d", bf16=False)
+    fields = dataclasses.fields(TrainConfig)
+    assert {f.name for f in fields} >= MUST_BE_NEUTRAL | MUST_COUNT
+    for f in fields:
+        changed = dataclasses.replace(base, **{f.name: _another_value(f, getattr(base, f.name))})
+        differs = changed.hash(ignore=RESUME_NEUTRAL) != base.hash(ignore=RESUME_NEUTRAL)
+        assert differs == (f.name not in RESUME_NEUTRAL), f.name
 
 
 @pytest.mark.parametrize("argv,flag", [

@@ -129,7 +129,12 @@ def test_template_checks():
         PromptTemplate("sys", "no slot here")
     with pytest.raises(ValueError, match="two lines"):
         PromptTemplate.from_text("only one line [HISTORY_SEQUENCE]")
-    assert IGNORE_INDEX == -100
+    import torch
+
+    # the label of every non-answer position is what torch's cross-entropy skips by default
+    logits, labels = torch.randn(3, 5), torch.tensor([1, IGNORE_INDEX, 2])
+    assert torch.nn.functional.cross_entropy(logits, labels) == torch.nn.functional.cross_entropy(
+        logits[[0, 2]], labels[[0, 2]])
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

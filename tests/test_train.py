@@ -4,6 +4,7 @@ LoRA, export, failures. Each launch has a hard time limit and is killed as a gro
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from patchrec_dist.monitor.tensorboard import read_scalars
 from patchrec_dist.train.signals import RESUME_EXIT_CODE
-from tests.distlaunch import launch, launcher_process, rank_processes, wait_for
+from tests.distlaunch import launch, rank_processes, wait_for
 
 pytestmark = pytest.mark.multiproc
 
@@ -63,13 +64,10 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
     assert examples(run) == examples(reference)
 
 
-def interrupt_after_first_checkpoint(out: Path, sig: int, target: str):
-    def poke(proc):
+def interrupt_after_first_checkpoint(out: Path, sig: int):
+    def poke(proc):  # one rank only: all must agree
         wait_for(lambda: (out / "checkpoints" / "latest").exists(), 150, "the first checkpoint")
-        if target == "launcher":  # deepspeed.launcher.launch: it signals every rank's process tree
-            launcher_process(proc).send_signal(sig)
-        else:
-            rank_processes(proc, "finetune.py")[1].send_signal(sig)  # one rank only: all must agree
+        rank_processes(proc, "finetune.py")[1].send_signal(sig)
     return poke
 
 
@@ -100,7 +98,7 @@ def test_loss_falls_and_run_is_complete(learnable_dataset, tmp_path):
 def test_exact_resume_after_sigusr1_to_one_rank(learnable_dataset, reference, tmp_path):
     out = tmp_path / "run"
     first = launch(FINETUNE, flags(learnable_dataset, out),
-                   while_running=interrupt_after_first_checkpoint(out, signal.SIGUSR1, "rank"))
+                   while_running=interrupt_after_first_checkpoint(out, signal.SIGUSR1))
     assert first.returncode == RESUME_EXIT_CODE, first.tail()
     stopped_at = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 2 <= stopped_at < 10
@@ -110,14 +108,24 @@ def test_exact_resume_after_sigusr1_to_one_rank(learnable_dataset, reference, tm
     assert_same_as_reference(out, reference)
 
 
-def test_sigterm_to_the_launcher_saves_then_resumes(learnable_dataset, reference, tmp_path):
+def test_sigterm_to_the_launcher_saves_at_the_signal_exits_75_then_resumes(learnable_dataset, reference, tmp_path):
+    """TERM to the per-node launcher (the SLURM scripts' and submitit's): it asks its ranks to stop,
+    they agree, save at the next step boundary and exit 75, and the launcher exits 75. (DeepSpeed's own launcher exits 1 after a TERM whatever its ranks do: its
+    handler kills them and calls sys.exit(1), so "resume me" cannot be read from it.)"""
     out = tmp_path / "run"
-    first = launch(FINETUNE, flags(learnable_dataset, out),
-                   while_running=interrupt_after_first_checkpoint(out, signal.SIGTERM, "launcher"))
-    assert first.returncode not in (0, None), first.tail()
-    assert "stop requested" in first.output
-    state = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "state.json").read_text())
-    assert state["step"] >= 2
+
+    def poke(proc):
+        wait_for(lambda: (out / "checkpoints" / "latest").exists(), 150, "the first checkpoint")
+        proc.send_signal(signal.SIGTERM)
+
+    first = launch(FINETUNE, flags(learnable_dataset, out), while_running=poke, launcher="patchrec")
+    assert first.returncode == RESUME_EXIT_CODE, first.tail()
+    saved = re.search(r"stop requested \(signal \[[\d, ]+\]\): saving at step (\d+)", first.output)
+    assert saved, first.tail()
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((out / "checkpoints" / latest / "state.json").read_text())
+    # the checkpoint is the one written on the signal, after the periodic one at step 2 that was awaited
+    assert state["step"] == int(saved.group(1)) and 3 <= state["step"] < 10, (state["step"], saved.group(0))
     ok(launch(FINETUNE, flags(learnable_dataset, out)), "resume")
     assert_same_as_reference(out, reference)
 
@@ -165,7 +173,7 @@ def test_lora_trains_resumes_and_exports(learnable_dataset, tmp_path):
     out = tmp_path / "run"
     lora = {"lora": "true", "lora_rank": 4, "lora_targets": "q_proj,v_proj", "max_steps": 6}
     first = launch(FINETUNE, flags(learnable_dataset, out, **lora),
-                   while_running=interrupt_after_first_checkpoint(out, signal.SIGUSR1, "rank"))
+                   while_running=interrupt_after_first_checkpoint(out, signal.SIGUSR1))
     assert first.returncode == RESUME_EXIT_CODE, first.tail()
     ok(launch(FINETUNE, flags(learnable_dataset, out, export="true", **lora)), "LoRA resume")
     assert sorted(losses(out)) == list(range(1, 7))

@@ -390,14 +390,47 @@ def budget_arrays(
     else:
         natural0 = _time_session_count(t, m0, session_gap, cap)  # type: ignore[arg-type]
     if text_cost0 + PATCH_COST * (item0 + natural0) <= budget:
-        return _budget_natural(n, cost, budget, g, t, session_gap, cap)
+        return _spend_slack(_budget_natural(n, cost, budget, g, t, session_gap, cap), cost, budget)
     # 3. sessions grow until they fit behind g text items and g item patches
     k = (budget - text_cost0 - PATCH_COST * item0) // PATCH_COST  # session patches affordable
     if m0 > 0 and k >= 1:
-        return _budget_grow(n, m0, item0, k, g, t, session_gap, cap)
+        return _spend_slack(_budget_grow(n, m0, item0, k, g, t, session_gap, cap), cost, budget)
     # 4. even one session does not fit there: most recent items as text as far as possible (at most
     #    g), then item patches, and one session patch for everything older
-    return _budget_tight(n, cost, budget, text0)
+    return _spend_slack(_budget_tight(n, cost, budget, text0), cost, budget)
+
+
+def _spend_slack(layout: LayoutArrays, cost: np.ndarray, budget: int) -> LayoutArrays:
+    """Positions the steps above left unused, spent where they uncompress an item and compress
+    none: the newest item patch becomes text when its title fits in what is left (a one-token
+    title costs no more as text than as a patch), and the newest session gives up its newest item
+    to the item patches (free for a one-item session, 2 positions otherwise). Repeated while one
+    fits, so no layout that fits is less compressed everywhere (tests/test_layouts.py checks that
+    by exhaustive search over small histories)."""
+    kinds, starts, ends = layout
+    n = int(ends[-1]) if ends.shape[0] else 0
+    n_text, n_item = int((kinds == TEXT).sum()), int((kinds == ITEM).sum())
+    s_starts, s_ends = starts[kinds == SESSION].tolist(), ends[kinds == SESSION].tolist()
+    slack = budget - (int(cost[n - n_text :].sum()) + PATCH_COST * (n_item + len(s_starts)))
+    changed = False
+    while True:
+        newest_item = n - n_text - 1
+        if n_item and cost[newest_item] - PATCH_COST <= slack:
+            slack -= int(cost[newest_item]) - PATCH_COST
+            n_text, n_item = n_text + 1, n_item - 1
+        elif s_starts and (s_ends[-1] - s_starts[-1] == 1 or slack >= PATCH_COST):
+            if s_ends[-1] - s_starts[-1] == 1:
+                s_starts.pop(), s_ends.pop()
+            else:
+                s_ends[-1] -= 1
+                slack -= PATCH_COST
+            n_item += 1
+        else:
+            break
+        changed = True
+    if not changed:
+        return layout
+    return _assemble(np.asarray(s_starts, np.int64), np.asarray(s_ends, np.int64), n - n_text - n_item, n_item, n)
 
 
 def _budget_natural(
@@ -650,7 +683,10 @@ def layout_budget(
        recent end, or time-gap sessions merged across their smallest gaps, max_session_items kept
        while it can be, then fixed sizes); unused session positions become item patches;
     4. else (not even one session fits behind them): the longest text suffix of at most g items,
-       then item patches, then one session patch for everything older.
+       then item patches, then one session patch for everything older;
+    5. after any of 2-4, positions left over uncompress the newest compressed items while they
+       fit (an item patch whose title fits becomes text; the newest session gives its newest item
+       to the item patches), so no layout that fits is less compressed everywhere.
 
     Why not simply "as much text as fits, then item patches, then one session": that collapses
     the whole older history into a single session patch as soon as the history is long, and

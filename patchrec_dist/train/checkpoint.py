@@ -142,14 +142,6 @@ def _drop_keys(config: Any, ignore: Iterable[str]) -> Any:
     return out
 
 
-def config_hash(config: Mapping[str, Any], ignore: Iterable[str] = frozenset()) -> str:
-    """Stable sha256 (hex) of CONFIG, JSON-normalised with sorted keys, minus the IGNOREd keys
-    (dotted paths for nested keys). Use IGNORE for what may change across a resume (e.g.
-    ``gradient_accumulation_steps`` when the world size changes, log intervals, output paths)."""
-    blob = json.dumps(_drop_keys(config, ignore), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = frozenset()) -> list[str]:
     """Dotted keys whose values differ between A and B (after dropping IGNORE)."""
     out: list[str] = []
@@ -467,8 +459,8 @@ class CheckpointManager:
     ) -> None:
         """Raise CheckpointError if STATE (a checkpoint's state.json) cannot be resumed here.
 
-        EXPECT may hold ``config_hash`` (compared with the saved one; the caller hashes with
-        :func:`config_hash` and its own ``ignore`` set, which decides which keys matter),
+        EXPECT may hold ``config_hash`` (compared with the saved one; the trainer hashes its
+        config with ``TrainConfig.hash`` minus the resume-neutral fields),
         ``config`` and ``ignore`` (only to name the differing keys in the message),
         ``world_size`` (overrides WORLD_SIZE), and ``check``: the caller's own condition on STATE
         (a callable that raises CheckpointError), run like the others before anything is loaded.
@@ -902,7 +894,6 @@ __all__ = [
     "CheckpointManager",
     "RankFileWriter",
     "config_diff",
-    "config_hash",
     "read_by_rank",
     "step_of_tag",
     "tag_for_step",

@@ -168,10 +168,18 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+class FlagParser(argparse.ArgumentParser):
+    """An ArgumentParser whose error is one line naming the flag (exit 2), not the usage of every
+    flag followed by it: a TrainConfig has some 60 flags, and the one that matters was lost below."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def build_parser(cls: type = TrainConfig, defaults: dict[str, Any] | None = None,
                  description: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=description, argument_default=argparse.SUPPRESS,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML or JSON file with any of the flags below (flags win)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     hints = typing.get_type_hints(cls)

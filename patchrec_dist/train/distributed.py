@@ -41,6 +41,11 @@ def init_distributed(timeout_s: int, deepspeed_comm: bool = True) -> tuple[int, 
     if deepspeed_comm:
         import deepspeed
 
+        if not launched():
+            # a plain `python launchers/finetune.py`: a world of one, as torchrun and the HF Trainer
+            # allow (without these DeepSpeed looks for an MPI launcher and fails on mpi4py)
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         release_shm_names()
     elif launched() and not dist.is_initialized():
@@ -48,6 +53,15 @@ def init_distributed(timeout_s: int, deepspeed_comm: bool = True) -> tuple[int, 
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the rendezvous port of a job that picks its own)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def release_shm_names() -> None:

@@ -202,17 +202,39 @@ def run_rank(main: Callable[[], int | None]) -> None:
     exit_process(0 if code is None else code)
 
 
-def run_job(name: str, job: Callable[[], Any]) -> None:
-    """run_rank for a launcher whose JOB may meet the user's bad input (ValueError,
-    FileNotFoundError): one line "NAME: error: ..." on stderr and exit status 2."""
+def run_job(name: str, parse: Callable[[], Any], job: Callable[[Any], Any],
+            check: Callable[[Any], None] | None = None) -> None:
+    """A launcher's rank, start to end (run_rank): PARSE the flags, CHECK them (train.preflight)
+    before any process group starts, then JOB(config); an int it returns is the exit status.
+
+    Bad flags or input found by PARSE or CHECK: one line "NAME: error: ..." on stderr from rank 0
+    only (every rank finds the same problem; one copy per rank buried it) and exit status 2 on
+    every rank, so a launcher ends the job at once with 2. The same errors raised later by JOB
+    (ValueError, FileNotFoundError: they may be one rank's own) are printed by each rank, exit 2."""
+    import contextlib
+    import io
     import sys
 
+    from patchrec_dist.data.manifest import DataSetError
+
+    bad_input = (ValueError, FileNotFoundError, DataSetError)
+
     def main() -> int:
+        quiet = os.environ.get("RANK", "0") != "0"
         try:
-            job()
-        except (ValueError, FileNotFoundError) as exc:
+            with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+                cfg = parse()
+                if check is not None:
+                    check(cfg)
+        except bad_input as exc:
+            if not quiet:
+                print(f"{name}: error: {exc}", file=sys.stderr)
+            return 2
+        try:
+            code = job(cfg)
+        except bad_input as exc:
             print(f"{name}: error: {exc}", file=sys.stderr)
             return 2
-        return 0
+        return code if isinstance(code, int) else 0
 
     run_rank(main)
