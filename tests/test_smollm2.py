@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("gguf")
-
-from patchrec_dist.model.smollm2 import (  # noqa: E402
+from patchrec_dist.model.smollm2 import (
     gguf_to_hf_folder,
     is_hf_folder,
     smollm2_gguf_path,

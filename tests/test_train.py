@@ -4,8 +4,11 @@ LoRA, export, failures. Each launch has a hard time limit and is killed as a gro
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import torch
 
 from patchrec_dist.monitor.tensorboard import read_scalars
 from patchrec_dist.train.signals import RESUME_EXIT_CODE
+from tests.conftest import REPO
 from tests.distlaunch import launch, rank_processes, wait_for
 
 pytestmark = pytest.mark.multiproc
@@ -314,3 +318,54 @@ def test_tensorboard_on_s3_survives_a_sigkill_at_the_commit(learnable_dataset, r
     for name in ("train/loss", "train/lr", "train/grad_norm"):
         assert [s for s, _ in scalars[name]] == list(range(1, 11)), (name, scalars[name])
     assert all(abs(a[s] - v) <= 1e-5 for s, v in scalars["train/loss"])
+
+
+def test_grad_accum_equals_one_micro_batch_of_the_combined_size(learnable_dataset, tmp_path):
+    """--grad-accum 2 --micro-batch 2 against --grad-accum 1 --micro-batch 4 in the real trainer (one
+    process, fp32): the same examples per step, so the token-weighted loss and the gradient (its norm,
+    before clipping) of every step agree."""
+    def one_process(out: Path, micro: int, accum: int) -> dict[str, dict[int, float]]:
+        proc = subprocess.run(
+            [sys.executable, FINETUNE, *flags(learnable_dataset, out, max_steps=3, micro_batch=micro, grad_accum=accum,
+                                              save_every=0, num_workers=0, log_examples="false")],
+            cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, capture_output=True,
+            text=True, timeout=150)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        scalars = read_scalars(str(out / "tb"))
+        return {name: dict(scalars[name]) for name in ("train/loss", "train/grad_norm", "train/label_tokens")}
+
+    big, accumulated = one_process(tmp_path / "big", 4, 1), one_process(tmp_path / "accum", 2, 2)
+    assert big["train/label_tokens"] == accumulated["train/label_tokens"]  # the same examples each step
+    for name in ("train/loss", "train/grad_norm"):
+        assert sorted(big[name]) == [1, 2, 3]
+        for step, value in big[name].items():
+            assert abs(accumulated[name][step] - value) <= 1e-5 * max(1.0, abs(value)), (name, step)
+
+
+@pytest.mark.parametrize("ds_config, bf16, tolerance", [
+    ("ds_configs/zero2.json", False, 1e-5),
+    ("ds_configs/zero3_offload.json", False, 1e-5),  # the optimizer offloaded: DeepSpeed's CPU Adam
+    ("ds_configs/zero3.json", True, 0.0),  # bf16 on CPU ranks: the resumed steps repeat the same bf16 ops
+])
+def test_other_deepspeed_configs_and_bf16_train_resume_exactly_and_export(ds_config, bf16, tolerance,
+                                                                          learnable_dataset, tmp_path):
+    """Each config end to end on 2 CPU ranks: 6 steps with a checkpoint at step 3, then a second run
+    started from that checkpoint, whose steps 4-6 must repeat the first run's losses; the export is
+    in the training dtype."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    over = {"max_steps": 6, "save_every": 3, "ds_config": ds_config, "bf16": str(bf16).lower(), "export": "true",
+            "log_examples": "false", "num_workers": 0}
+    first = launch(FINETUNE, flags(learnable_dataset, full, **over), timeout=400)  # the first offload run builds CPU Adam
+    ok(first, "the uninterrupted run")
+    second = launch(FINETUNE, flags(learnable_dataset, resumed, **over,
+                                    resume=str(full / "checkpoints" / "step_00000003")), timeout=200)
+    ok(second, "the run resumed from its step-3 checkpoint")
+    assert "resumed at step 3" in second.output
+    a, b = losses(full), losses(resumed)
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and sorted(b) == [4, 5, 6]
+    for step in b:
+        assert abs(a[step] - b[step]) <= tolerance, (step, a[step], b[step])
+    if "offload" in ds_config:
+        assert "DeepSpeedCPUAdam" in first.output, first.tail()
+    config = json.loads((full / "final" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == ("bfloat16" if bf16 else "float32")

@@ -79,11 +79,11 @@ def make_ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
             params[key] = value
     zero = ds.get("zero_optimization", {})
     if opt.get("type", "").lower() in ("adam", "adamw"):
-        if not torch.cuda.is_available():
+        if "offload_optimizer" in zero:
+            pass  # DeepSpeed's CPU Adam, JIT-built with the host compiler, on CPU ranks too (tests run it)
+        elif not torch.cuda.is_available():
             params["torch_adam"] = True  # DeepSpeed's fused Adam needs CUDA; design.md
-            zero.pop("offload_optimizer", None)
-            zero.pop("offload_param", None)
-        elif "offload_optimizer" not in zero:
+        else:
             # DeepSpeed's FusedAdam is JIT-built with nvcc, which compute nodes often lack; torch's
             # fused AdamW is one kernel per parameter group too, and ships compiled with torch
             params.setdefault("torch_adam", True)
@@ -329,7 +329,8 @@ class Trainer:
         self.monitor = Monitor(os.path.join(self.work, "tb"), self.rank == 0, self.step, self.total_steps,
                                cfg.log_every)
         self.monitor.text(f"training {cfg.stage} on {manifest.num_examples(cfg.split):,} {cfg.split} examples: "
-                          f"{self.total_steps} steps x {self.world} ranks x {cfg.grad_accum} x {cfg.micro_batch}"
+                          f"{self.total_steps} steps x {self.world} ranks x {cfg.grad_accum} x {cfg.micro_batch}, "
+                          f"{type(self.engine.basic_optimizer).__name__}"
                           + (f", resumed at step {self.step} ({tag})" if tag else ""))
         self.make_val_loader = self._validation_loader_factory(manifest) if cfg.eval_every else None
 
