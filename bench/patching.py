@@ -28,10 +28,11 @@ from patchrec_dist.data.manifest import load_manifest
 from patchrec_dist.data.readers import read_log
 from patchrec_dist.data.sharding import ShardOptions, shard_log
 from patchrec_dist.data.stream import HistoryStream, StreamConfig, plan_epoch
-from patchrec_dist.model.patch_embed import PatchIndex, embed_with_patches, per_item_loop_reference
+from patchrec_dist.model.patch_embed import embed_with_patches, per_item_loop_reference
 from patchrec_dist.patching.collate import Collator
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import LayoutSpec
+from patchrec_dist.patching.patch_index import PatchIndex
 from patchrec_dist.patching.prompt import PromptTemplate, build_prompt_tokens
 
 REPO = Path(__file__).resolve().parents[1]

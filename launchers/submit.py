@@ -19,7 +19,7 @@ import argparse
 import shlex
 import sys
 
-from patchrec_dist.pipeline import pipeline_stages, submit
+from patchrec_dist.pipeline import pipeline_jobs, submit
 from patchrec_dist.train.preflight import FlagError, check_data, check_model
 
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except FlagError as exc:
         print(f"submit: error: {exc}", file=sys.stderr)
         return 2
-    stages = pipeline_stages(args.data, args.runs, args.nproc, args.cpu, shlex.split(args.pretrain_args),
+    stages = pipeline_jobs(args.data, args.runs, args.nproc, args.cpu, shlex.split(args.pretrain_args),
                              shlex.split(args.finetune_args), shlex.split(args.eval_args), args.model)
     if not stages:
         print("every stage finished already")

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from patchrec_dist.data import storage
 from patchrec_dist.evaluate.metrics import seen_protocol
-from patchrec_dist.train.config import _f, parse_config
+from patchrec_dist.train.config import flag, parse_config
 
 METRIC_COLUMNS = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 MASKED_SUFFIX = "-seen-masked"  # the output folder of an evaluation or baseline run with --exclude-seen
@@ -39,32 +39,32 @@ MASKED_SUFFIX = "-seen-masked"  # the output folder of an evaluation or baseline
 
 @dataclass
 class DemoConfig:
-    output: str = _f("demo_out", "folder for the data set, runs, evaluations, logs and report.json")
-    data: str = _f("", "a sharded data set (default: MovieLens-100K from the recbole wheel, sharded into OUTPUT/data)")
-    model: str = _f("smollm2", "base model: smollm2 (from its wheel), an HF folder or a .gguf file")
-    ranks: int = _f(2, "DeepSpeed ranks (CPU processes here; GPUs where there are some)")
-    cpu: bool = _f(True, "run the ranks on CPU (DS_ACCELERATOR=cpu); --cpu false on a GPU machine")
-    ds_config: str = _f("ds_configs/zero3.json", "DeepSpeed config for both training stages")
-    max_history: int = _f(100, "most recent history items per example (the paper: 100)")
-    micro_batch: int = _f(4, "examples per rank per micro-step")
-    pretrain_steps: int = _f(4, "patch pre-training optimizer steps (0 skips PPT)")
-    pretrain_lr: float = _f(3e-4, "patch pre-training peak learning rate")
-    pretrain_micro_batch: int = _f(2, "PPT examples per rank per micro-step (each also comes as all text)")
-    pretrain_max_history: int = _f(20, "PPT history items: its all-text copies dominate a CPU step's cost")
-    finetune_steps: int = _f(40, "PFT-S fine-tuning optimizer steps")
-    finetune_lr: float = _f(3e-4, "PFT-S fine-tuning peak learning rate")
-    group_size: int = _f(5, "PFT-S g: text items = item patches = items per session patch")
-    eval_examples: int = _f(64, "first N test examples evaluated (the same users for every model); 0: all")
-    beams: int = _f(20, "beam width of the constrained title search")
-    eval_batch: int = _f(8, "examples per generation batch on each rank")
-    eval_untrained: bool = _f(True, "also evaluate the base model before training")
-    baselines: str = _f("popularity,sasrec", "comma-separated baselines on the same test users ('' for none)")
-    sasrec_epochs: int | None = _f(None, "SASRec's epoch cap (default: the baseline's own; it stops early on val)")
-    exclude_seen: bool = _f(False, "mask the user's whole history in every row (RecBole's, HSTU's protocol); "
+    output: str = flag("demo_out", "folder for the data set, runs, evaluations, logs and report.json")
+    data: str = flag("", "a sharded data set (default: MovieLens-100K from the recbole wheel, sharded into OUTPUT/data)")
+    model: str = flag("smollm2", "base model: smollm2 (from its wheel), an HF folder or a .gguf file")
+    ranks: int = flag(2, "DeepSpeed ranks (CPU processes here; GPUs where there are some)")
+    cpu: bool = flag(True, "run the ranks on CPU (DS_ACCELERATOR=cpu); --cpu false on a GPU machine")
+    ds_config: str = flag("ds_configs/zero3.json", "DeepSpeed config for both training stages")
+    max_history: int = flag(100, "most recent history items per example (the paper: 100)")
+    micro_batch: int = flag(4, "examples per rank per micro-step")
+    pretrain_steps: int = flag(4, "patch pre-training optimizer steps (0 skips PPT)")
+    pretrain_lr: float = flag(3e-4, "patch pre-training peak learning rate")
+    pretrain_micro_batch: int = flag(2, "PPT examples per rank per micro-step (each also comes as all text)")
+    pretrain_max_history: int = flag(20, "PPT history items: its all-text copies dominate a CPU step's cost")
+    finetune_steps: int = flag(40, "PFT-S fine-tuning optimizer steps")
+    finetune_lr: float = flag(3e-4, "PFT-S fine-tuning peak learning rate")
+    group_size: int = flag(5, "PFT-S g: text items = item patches = items per session patch")
+    eval_examples: int = flag(64, "first N test examples evaluated (the same users for every model); 0: all")
+    beams: int = flag(20, "beam width of the constrained title search")
+    eval_batch: int = flag(8, "examples per generation batch on each rank")
+    eval_untrained: bool = flag(True, "also evaluate the base model before training")
+    baselines: str = flag("popularity,sasrec", "comma-separated baselines on the same test users ('' for none)")
+    sasrec_epochs: int | None = flag(None, "SASRec's epoch cap (default: the baseline's own; it stops early on val)")
+    exclude_seen: bool = flag(False, "mask the user's whole history in every row (RecBole's, HSTU's protocol); "
                                    "default: not masked, as the released PatchRec protocol")
-    seed: int = _f(42, "seed for data order, layouts and initialisation")
-    fresh: bool = _f(False, "delete earlier demo runs and start over")
-    record: str = _f("", "also write the report here (bench/results/demo.json feeds README's results)")
+    seed: int = flag(42, "seed for data order, layouts and initialisation")
+    fresh: bool = flag(False, "delete earlier demo runs and start over")
+    record: str = flag("", "also write the report here (bench/results/demo.json feeds README's results)")
 
     def check(self) -> None:
         for name, minimum in (("ranks", 1), ("micro_batch", 1), ("pretrain_micro_batch", 1),

@@ -47,8 +47,9 @@ def _preempt_signal() -> int:
 
 
 @dataclass
-class Stage(submitit.helpers.Checkpointable):
-    """One stage: LAUNCHER FLAGS on NPROC ranks per node of the job (`deepspeed --num_gpus N` on one
+class Job(submitit.helpers.Checkpointable):
+    """One job of the pipeline (pretrain, finetune or evaluate: a "stage" is a prompt layout, see
+    patching/layouts.py): LAUNCHER FLAGS on NPROC ranks per node of the job (`deepspeed --num_gpus N` on one
     node), plain python for nproc = 0."""
 
     name: str
@@ -125,29 +126,29 @@ FINISHED_MARKERS = {"pretrain": ("pretrain", "DONE.json"), "finetune": ("finetun
                     "evaluate": ("finetune", "eval-test", "metrics.json")}
 
 
-def finished_stages(runs: str) -> list[str]:
+def finished_jobs(runs: str) -> list[str]:
     """The stages of a pipeline in RUNS (local path or URL) that finished already."""
     return [name for name, parts in FINISHED_MARKERS.items() if storage.exists(storage.join(runs, *parts))]
 
 
-def pipeline_stages(data: str, runs: str, nproc: int, cpu: bool, pretrain_flags: list[str],
-                    finetune_flags: list[str], eval_flags: list[str], model: str | None = None) -> list[Stage]:
+def pipeline_jobs(data: str, runs: str, nproc: int, cpu: bool, pretrain_flags: list[str],
+                    finetune_flags: list[str], eval_flags: list[str], model: str | None = None) -> list[Job]:
     """The three stages, skipping those that already finished (DONE.json, metrics.json)."""
     pre, ft = storage.join(runs, "pretrain"), storage.join(runs, "finetune")
     model_flags = ["--model", model] if model else []
     stages = [
-        Stage("pretrain", "launchers/pretrain.py", ["--data", data, "--output", pre, *model_flags, *pretrain_flags],
+        Job("pretrain", "launchers/pretrain.py", ["--data", data, "--output", pre, *model_flags, *pretrain_flags],
               nproc, cpu),
-        Stage("finetune", "launchers/finetune.py", ["--data", data, "--output", ft, "--init", pre, *finetune_flags],
+        Job("finetune", "launchers/finetune.py", ["--data", data, "--output", ft, "--init", pre, *finetune_flags],
               nproc, cpu),
-        Stage("evaluate", "launchers/evaluate.py", ["--data", data, "--run", ft, *eval_flags], nproc, cpu,
+        Job("evaluate", "launchers/evaluate.py", ["--data", data, "--run", ft, *eval_flags], nproc, cpu,
               resumable=False),
     ]
-    done = set(finished_stages(runs))
+    done = set(finished_jobs(runs))
     return [s for s in stages if s.name not in done]
 
 
-def submit(stages: list[Stage], cluster: str, folder: str, slurm_params: dict[str, Any] | None = None,
+def submit(stages: list[Job], cluster: str, folder: str, slurm_params: dict[str, Any] | None = None,
            wait: bool = False) -> list[Any]:
     """Submit STAGES in order, each after the previous one succeeded; returns the submitit jobs.
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", choices=("finished",))
     p.add_argument("runs", help="the pipeline's runs folder or URL")
     args = p.parse_args(argv)
-    for name in finished_stages(args.runs):
+    for name in finished_jobs(args.runs):
         print(name)
     return 0
 

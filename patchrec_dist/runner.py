@@ -1,7 +1,7 @@
 """Run the launchers on this machine, as a user would type them, with their output in a log file.
 
 `make demo` and bench/quality.py chain several launcher runs (pretrain, finetune, evaluate). Each
-run is the same command `deepspeed launchers/X.py ...` a user types (built by pipeline.Stage, the
+run is the same command `deepspeed launchers/X.py ...` a user types (built by pipeline.Job, the
 submitit path's command), so the demo exercises exactly what a user runs. The full output of
 every rank goes to LOG; only our own progress lines are echoed, so the demo reads as a story
 rather than a wall of DeepSpeed start-up messages.
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from patchrec_dist.launch import free_port, rank_env
-from patchrec_dist.pipeline import REPO, Stage
+from patchrec_dist.pipeline import REPO, Job
 from patchrec_dist.train.signals import RESUME_EXIT_CODE
 
 # Lines worth showing: the trainer's and evaluator's own progress and tables.
@@ -49,7 +49,7 @@ def run_launcher(launcher: str, flags: list[str], nproc: int, log_path: str | Pa
     process is interrupted (Ctrl-C, SIGTERM), the ranks get SIGUSR1 and STOP_GRACE_S seconds to
     save a checkpoint (training: the next run resumes from it) before the group is killed.
     Returns the wall seconds; raises LauncherFailed with the log's tail otherwise."""
-    stage = Stage(Path(launcher).stem, launcher, flags, nproc=nproc, cpu=cpu)
+    stage = Job(Path(launcher).stem, launcher, flags, nproc=nproc, cpu=cpu)
     env = rank_env(cpu)
     if cpu:
         env["OMP_NUM_THREADS"] = str(cpu_threads_per_rank(max(1, nproc)))

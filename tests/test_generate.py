@@ -18,10 +18,11 @@ from patchrec_dist.evaluate.generate import (
     prompt_ids_for_generation,
 )
 from patchrec_dist.evaluate.trie import TitleTrie
-from patchrec_dist.model.patch_embed import PatchIndex, embed_with_patches
+from patchrec_dist.model.patch_embed import embed_with_patches
 from patchrec_dist.patching.collate import Collator
 from patchrec_dist.patching.features import assemble
 from patchrec_dist.patching.layouts import LayoutSpec, layout_arrays
+from patchrec_dist.patching.patch_index import PatchIndex
 from patchrec_dist.patching.prompt import PromptTemplate, build_prompt_tokens, chat_text, history_text
 
 TITLES = ["Heat", "Heathers", "Heat 2", "Alien", "Aliens", "Toy Story (1995)", "GoldenEye", "Se7en",

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from patchrec_dist.model.answer_logits import logits_at
-from patchrec_dist.model.patch_embed import PatchIndex
 from patchrec_dist.model.tiny import tiny_llama_config
 from patchrec_dist.patching.collate import IGNORE_INDEX, Batch, predicted_positions
+from patchrec_dist.patching.patch_index import PatchIndex
 from patchrec_dist.train.trainer import forward_loss_sum, token_loss_sum
 
 

@@ -10,12 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from patchrec_dist.model.patch_embed import (
-    PatchIndex,
-    embed_with_patches,
-    per_item_loop_reference,
-    segment_mean,
-)
+from patchrec_dist.model.patch_embed import embed_with_patches, per_item_loop_reference, segment_mean
+from patchrec_dist.patching.patch_index import PatchIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3_SCRIPT = "tests/dist_scripts/patch_embed_zero3.py"

@@ -68,7 +68,7 @@ PREEMPT_STEPS = 60
 @pytest.mark.timeout(420)
 def test_slurm_stage_preempted_through_submitit_saves_requeues_and_resumes_exactly(learnable_dataset, slurm_cluster,
                                                                                    tmp_path):
-    """A pretrain Stage submitted through submitit (the path of `launchers/submit.py --cluster slurm`) is
+    """A pretrain Job submitted through submitit (the path of `launchers/submit.py --cluster slurm`) is
     interrupted twice with submitit's own `job._interrupt`: first `timeout=True` (USR2 alone, what SLURM's
     `--signal=USR2@90` sends before the time limit: the ranks stop only because checkpoint() asks them), then
     a preemption (SIGTERM then USR2 to every process of the step). Each time the ranks save before submitit
@@ -76,7 +76,7 @@ def test_slurm_stage_preempted_through_submitit_saves_requeues_and_resumes_exact
     import submitit
 
     from patchrec_dist.monitor.tensorboard import read_scalars
-    from patchrec_dist.pipeline import Stage
+    from patchrec_dist.pipeline import Job
     from patchrec_dist.pipeline import submit as submit_stages
     from tests.distlaunch import launch
     from tests.test_slurm import TERMINAL, bounded_wait, job_info, train_flags
@@ -92,7 +92,7 @@ def test_slurm_stage_preempted_through_submitit_saves_requeues_and_resumes_exact
     reference.start()
     # timeout_min=60: submitit counts a signal in the first 80% of the time limit as a preemption (with the
     # other tests' 10 minutes every signal counts as a timeout, of which submitit requeues at most 3)
-    job = submit_stages([Stage("pretrain", "launchers/pretrain.py", flags, nproc=2, cpu=True)], "slurm",
+    job = submit_stages([Job("pretrain", "launchers/pretrain.py", flags, nproc=2, cpu=True)], "slurm",
                         str(folder), {"cpus_per_task": 1, "timeout_min": 60})[0]
     assert isinstance(job, submitit.SlurmJob)
 

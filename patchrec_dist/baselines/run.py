@@ -38,7 +38,7 @@ from patchrec_dist.data.catalog import catalog_titles
 from patchrec_dist.data.manifest import DataSetError, Manifest, load_manifest
 from patchrec_dist.data.stream import Example, StreamConfig, iter_examples, load_window, plan_epoch
 from patchrec_dist.evaluate.metrics import KS, Prediction, TitleIndex, finalize, format_table, score_sums
-from patchrec_dist.train.config import _f
+from patchrec_dist.train.config import flag
 
 BASELINES = ("popularity", "sasrec")
 ScoreFn = Callable[[list[np.ndarray]], np.ndarray]  # histories -> (B, n_items) scores
@@ -46,31 +46,31 @@ ScoreFn = Callable[[list[np.ndarray]], np.ndarray]  # histories -> (B, n_items) 
 
 @dataclass
 class BaselineConfig:
-    data: str = _f("", "data set folder or URL")
-    baseline: str = _f("popularity", "which baseline", choices=BASELINES)
-    output: str = _f("", "where metrics.json and predictions.jsonl go")
-    split: str = _f("test", "split to evaluate", choices=("train", "val", "test"))
-    max_examples: int | None = _f(None, "only the first N examples of the split (the LLM evaluation's subset)")
-    top_k: int = _f(20, "titles returned per example")
-    scoring: str = _f("strict", "strict or patchrec-compat (the released prefix rule)",
+    data: str = flag("", "data set folder or URL")
+    baseline: str = flag("popularity", "which baseline", choices=BASELINES)
+    output: str = flag("", "where metrics.json and predictions.jsonl go")
+    split: str = flag("test", "split to evaluate", choices=("train", "val", "test"))
+    max_examples: int | None = flag(None, "only the first N examples of the split (the LLM evaluation's subset)")
+    top_k: int = flag(20, "titles returned per example")
+    scoring: str = flag("strict", "strict or patchrec-compat (the released prefix rule)",
                       choices=("strict", "patchrec-compat"))
-    max_history: int | None = _f(100, "most recent history items per example, as the LLM stream; 0 keeps all")
-    seed: int = _f(42, "seed for SASRec's initialisation and data order")
+    max_history: int | None = flag(100, "most recent history items per example, as the LLM stream; 0 keeps all")
+    seed: int = flag(42, "seed for SASRec's initialisation and data order")
     # SASRec
-    max_len: int = _f(50, "sasrec: most recent items the model sees (capped by --max-history)")
-    hidden: int = _f(64, "sasrec: embedding and hidden size")
-    blocks: int = _f(2, "sasrec: self-attention blocks")
-    heads: int = _f(2, "sasrec: attention heads")
-    dropout: float = _f(0.2, "sasrec: dropout")
-    epochs: int = _f(200, "sasrec: most passes over the training targets (early stopping usually ends sooner)")
-    patience: int = _f(5, "sasrec: stop after this many epochs without a better validation score; 0: no early stopping")
-    stop_metric: str = _f("NDCG@10", "sasrec: the validation metric early stopping follows (HR@K or NDCG@K)")
-    val_examples: int | None = _f(None, "sasrec: validate on the first N val examples (default: all)")
-    batch_size: int = _f(128, "sasrec: training windows per step")
-    lr: float = _f(3e-3, "sasrec: AdamW learning rate")
-    weight_decay: float = _f(0.0, "sasrec: AdamW weight decay")
-    eval_batch_size: int = _f(256, "examples scored per forward pass")
-    exclude_seen: bool = _f(False, "never return an item of the user's whole history (RecBole's evaluation masks it)")
+    max_len: int = flag(50, "sasrec: most recent items the model sees (capped by --max-history)")
+    hidden: int = flag(64, "sasrec: embedding and hidden size")
+    blocks: int = flag(2, "sasrec: self-attention blocks")
+    heads: int = flag(2, "sasrec: attention heads")
+    dropout: float = flag(0.2, "sasrec: dropout")
+    epochs: int = flag(200, "sasrec: most passes over the training targets (early stopping usually ends sooner)")
+    patience: int = flag(5, "sasrec: stop after this many epochs without a better validation score; 0: no early stopping")
+    stop_metric: str = flag("NDCG@10", "sasrec: the validation metric early stopping follows (HR@K or NDCG@K)")
+    val_examples: int | None = flag(None, "sasrec: validate on the first N val examples (default: all)")
+    batch_size: int = flag(128, "sasrec: training windows per step")
+    lr: float = flag(3e-3, "sasrec: AdamW learning rate")
+    weight_decay: float = flag(0.0, "sasrec: AdamW weight decay")
+    eval_batch_size: int = flag(256, "examples scored per forward pass")
+    exclude_seen: bool = flag(False, "never return an item of the user's whole history (RecBole's evaluation masks it)")
 
     def check(self) -> None:
         """Refuse values that cannot work, naming the flag."""

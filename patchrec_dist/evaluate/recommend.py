@@ -46,7 +46,7 @@ from patchrec_dist.model.load import local_model_dir, resize_for_tokenizer, with
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import LayoutSpec
 from patchrec_dist.patching.prompt import PromptTemplate, PromptTokens, build_prompt_tokens
-from patchrec_dist.train.config import _f, read_run_config
+from patchrec_dist.train.config import flag, read_run_config
 
 
 @dataclass
@@ -202,18 +202,18 @@ MANIFEST_FILE = "recommendations.json"
 
 @dataclass
 class RecommendConfig:
-    run: str = _f("", "the trained run, a folder or URL (its final/ export and config)")
-    output: str = _f("", "where the Parquet parts and recommendations.json go (a folder or URL)")
-    data: str | None = _f(None, "data set whose users and catalog to use (default: the run's)")
-    users: str | None = _f(None, "a text file of user ids, one a line: only those users")
-    top_k: int = _f(20, "titles per user")
-    beams: int = _f(20, "beam width (>= --top-k)")
-    batch_size: int = _f(8, "users per generation batch on each rank")
-    max_history: int | None = _f(100, "most recent history items fed (the training window); 0 keeps all")
-    dtype: str = _f("auto", "auto (bfloat16 on GPUs, float32 on CPU), bfloat16, float16 or float32",
+    run: str = flag("", "the trained run, a folder or URL (its final/ export and config)")
+    output: str = flag("", "where the Parquet parts and recommendations.json go (a folder or URL)")
+    data: str | None = flag(None, "data set whose users and catalog to use (default: the run's)")
+    users: str | None = flag(None, "a text file of user ids, one a line: only those users")
+    top_k: int = flag(20, "titles per user")
+    beams: int = flag(20, "beam width (>= --top-k)")
+    batch_size: int = flag(8, "users per generation batch on each rank")
+    max_history: int | None = flag(100, "most recent history items fed (the training window); 0 keeps all")
+    dtype: str = flag("auto", "auto (bfloat16 on GPUs, float32 on CPU), bfloat16, float16 or float32",
                           choices=("auto", "bfloat16", "float16", "float32"))
-    exclude_seen: bool = _f(False, "never recommend an item of the user's history (K titles still come back)")
-    dist_timeout_s: int = _f(600, "collective timeout")
+    exclude_seen: bool = flag(False, "never recommend an item of the user's history (K titles still come back)")
+    dist_timeout_s: int = flag(600, "collective timeout")
 
     def check(self) -> None:
         if not self.run:

@@ -31,8 +31,8 @@ from patchrec_dist.patching.prompt import resolve_template
 from patchrec_dist.train.config import (
     ATTN_IMPLEMENTATIONS,
     STAGES,
-    _f,
     check_attn_implementation,
+    flag,
     read_run_config,
 )
 from patchrec_dist.train.distributed import init_distributed
@@ -40,33 +40,33 @@ from patchrec_dist.train.distributed import init_distributed
 
 @dataclass
 class EvalConfig:
-    data: str = _f("", "data set folder or URL")
-    run: str | None = _f(None, "a training run, path or URL (its final export, saved layout and TensorBoard)")
-    model: str | None = _f(None, "an HF model folder (or smollm2, or a .gguf) instead of --run: a base model, PatchRec tokens added")
-    output: str = _f("", "where metrics.json and predictions.jsonl go (default RUN/eval-SPLIT)")
-    split: str = _f("test", "split to evaluate", choices=("train", "val", "test"))
-    max_examples: int | None = _f(None, "only the first N examples of the split (a fixed subset)")
-    top_k: int = _f(20, "titles returned per example")
-    beams: int = _f(20, "beam width")
-    batch_size: int = _f(8, "examples per generation batch on each rank")
-    scoring: str = _f("strict", "strict or patchrec-compat (the released prefix rule)",
+    data: str = flag("", "data set folder or URL")
+    run: str | None = flag(None, "a training run, path or URL (its final export, saved layout and TensorBoard)")
+    model: str | None = flag(None, "an HF model folder (or smollm2, or a .gguf) instead of --run: a base model, PatchRec tokens added")
+    output: str = flag("", "where metrics.json and predictions.jsonl go (default RUN/eval-SPLIT)")
+    split: str = flag("test", "split to evaluate", choices=("train", "val", "test"))
+    max_examples: int | None = flag(None, "only the first N examples of the split (a fixed subset)")
+    top_k: int = flag(20, "titles returned per example")
+    beams: int = flag(20, "beam width")
+    batch_size: int = flag(8, "examples per generation batch on each rank")
+    scoring: str = flag("strict", "strict or patchrec-compat (the released prefix rule)",
                       choices=("strict", "patchrec-compat"))
-    max_history: int | None = _f(100, "most recent history items per example; 0 keeps all")
-    stage: str | None = _f(None, "layout (default: the run's training stage)", choices=STAGES)
-    item_len: int | None = _f(None, "pft-i override")
-    group_size: int | None = _f(None, "pft-s override")
-    max_text_items: int | None = _f(None, "text override")
-    max_positions: int | None = _f(None, "budget override")
-    prompt_file: str | None = _f(None, "two-line prompt file (default: the run's / data set's)")
-    domain: str | None = _f(None, "movie or book")
-    num_workers: int = _f(1, "DataLoader workers per rank")
-    dist_timeout_s: int = _f(600, "collective timeout")
-    tb_step: int | None = _f(None, "step for the eval/ TensorBoard scalars (default: the run's last step)")
-    dtype: str = _f("auto", "weights and activations: auto (bfloat16 on GPUs, float32 on CPU), bfloat16, float16 or "
+    max_history: int | None = flag(100, "most recent history items per example; 0 keeps all")
+    stage: str | None = flag(None, "layout (default: the run's training stage)", choices=STAGES)
+    item_len: int | None = flag(None, "pft-i override")
+    group_size: int | None = flag(None, "pft-s override")
+    max_text_items: int | None = flag(None, "text override")
+    max_positions: int | None = flag(None, "budget override")
+    prompt_file: str | None = flag(None, "two-line prompt file (default: the run's / data set's)")
+    domain: str | None = flag(None, "movie or book")
+    num_workers: int = flag(1, "DataLoader workers per rank")
+    dist_timeout_s: int = flag(600, "collective timeout")
+    tb_step: int | None = flag(None, "step for the eval/ TensorBoard scalars (default: the run's last step)")
+    dtype: str = flag("auto", "weights and activations: auto (bfloat16 on GPUs, float32 on CPU), bfloat16, float16 or "
                     "float32", choices=("auto", "bfloat16", "float16", "float32"))
-    attn_implementation: str = _f("sdpa", "attention kernel: sdpa, flash_attention_2 (needs flash-attn) or eager",
+    attn_implementation: str = flag("sdpa", "attention kernel: sdpa, flash_attention_2 (needs flash-attn) or eager",
                                   choices=ATTN_IMPLEMENTATIONS)
-    exclude_seen: bool = _f(False, "never generate an item of the user's whole history (RecBole and HSTU mask it; "
+    exclude_seen: bool = flag(False, "never generate an item of the user's whole history (RecBole and HSTU mask it; "
                             "the released PatchRec protocol does not)")
 
     def check(self) -> None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from patchrec_dist.model.patch_embed import PatchIndex
 from patchrec_dist.patching.features import Features, _ranges
+from patchrec_dist.patching.patch_index import PatchIndex
 from patchrec_dist.patching.prompt import IGNORE_INDEX, PromptTokens
 
 

@@ -19,13 +19,14 @@ from typing import Any
 
 import yaml
 
-from patchrec_dist.patching.layouts import LayoutSpec
+from patchrec_dist.patching.layouts import STAGES, LayoutSpec
 
-STAGES = ("text", "ppt", "pft-i", "pft-s", "budget")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def flag(default: Any, help: str, **kw: Any) -> Any:
+    """A config field that is also a command-line flag: its default, its --help text, argparse extras
+    (choices). Every config dataclass (training, evaluation, recommendation, baselines, demo) uses it."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -34,68 +35,68 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     # data
-    data: str = _f("", "data set folder or URL (the folder with manifest.json)")
-    split: str = _f("train", "split to train on")
-    max_history: int | None = _f(100, "most recent history items per example (the paper: 100); 0 keeps all")
-    num_workers: int = _f(2, "DataLoader workers per rank (patching runs there)")
-    window_shards: int = _f(2, "shards shuffled together (the shuffle buffer)")
-    prompt_file: str | None = _f(None, "two-line prompt file (system, instruction); default: the data set's")
-    domain: str | None = _f(None, "movie or book: the paper's prompt for that domain")
+    data: str = flag("", "data set folder or URL (the folder with manifest.json)")
+    split: str = flag("train", "split to train on")
+    max_history: int | None = flag(100, "most recent history items per example (the paper: 100); 0 keeps all")
+    num_workers: int = flag(2, "DataLoader workers per rank (patching runs there)")
+    window_shards: int = flag(2, "shards shuffled together (the shuffle buffer)")
+    prompt_file: str | None = flag(None, "two-line prompt file (system, instruction); default: the data set's")
+    domain: str | None = flag(None, "movie or book: the paper's prompt for that domain")
     # model
-    model: str = _f("tiny", "HF folder or hub id, a .gguf file, 'smollm2' or 'tiny' (random, for tests)")
-    init: str | None = _f(None, "start from a previous run (its final export) or an HF folder; a path or URL")
-    tiny_hidden: int = _f(64, "tiny model: hidden size")
-    tiny_layers: int = _f(2, "tiny model: layers")
-    tiny_vocab: int = _f(1024, "tiny model: tokenizer vocabulary trained on the catalog titles")
-    lora: bool = _f(False, "train LoRA adapters (peft) instead of all weights")
-    lora_rank: int = _f(8, "LoRA rank")
-    lora_alpha: int = _f(16, "LoRA alpha")
-    lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names for LoRA")
-    bf16: bool | None = _f(None, "bf16 weights and activations (default: on with CUDA, off on CPU)")
-    attn_implementation: str = _f("sdpa", "attention kernel: sdpa, flash_attention_2 (needs flash-attn) or eager",
+    model: str = flag("tiny", "HF folder or hub id, a .gguf file, 'smollm2' or 'tiny' (random, for tests)")
+    init: str | None = flag(None, "start from a previous run (its final export) or an HF folder; a path or URL")
+    tiny_hidden: int = flag(64, "tiny model: hidden size")
+    tiny_layers: int = flag(2, "tiny model: layers")
+    tiny_vocab: int = flag(1024, "tiny model: tokenizer vocabulary trained on the catalog titles")
+    lora: bool = flag(False, "train LoRA adapters (peft) instead of all weights")
+    lora_rank: int = flag(8, "LoRA rank")
+    lora_alpha: int = flag(16, "LoRA alpha")
+    lora_targets: str = flag("q_proj,k_proj,v_proj,o_proj", "comma-separated module names for LoRA")
+    bf16: bool | None = flag(None, "bf16 weights and activations (default: on with CUDA, off on CPU)")
+    attn_implementation: str = flag("sdpa", "attention kernel: sdpa, flash_attention_2 (needs flash-attn) or eager",
                                   choices=ATTN_IMPLEMENTATIONS)
-    grad_checkpointing: bool = _f(False, "recompute activations in backward")
+    grad_checkpointing: bool = flag(False, "recompute activations in backward")
     # stage
-    stage: str = _f("pft-s", "layout: text, ppt, pft-i, pft-s or budget", choices=STAGES)
-    item_len: int = _f(5, "pft-i: items kept as text")
-    group_size: int = _f(5, "pft-s: g (text items = item patches = session size)")
-    max_text_items: int | None = _f(None, "text: keep only the most recent K items")
-    max_positions: int | None = _f(None, "budget: history positions per example")
-    session_gap: float | None = _f(None, "pft-s/budget: cut sessions where the user paused this many seconds")
-    max_session_items: int | None = _f(None, "longest time-gap session")
-    ppt_schedule: str = _f("linear", "ppt: p over training (linear, cosine, constant)")
-    ppt_p_max: float = _f(1.0, "ppt: the largest patch probability")
-    ppt_pair_text: bool = _f(True, "ppt: also train each example all-text in the same batch")
+    stage: str = flag("pft-s", "layout: text, ppt, pft-i, pft-s or budget", choices=STAGES)
+    item_len: int = flag(5, "pft-i: items kept as text")
+    group_size: int = flag(5, "pft-s: g (text items = item patches = session size)")
+    max_text_items: int | None = flag(None, "text: keep only the most recent K items")
+    max_positions: int | None = flag(None, "budget: history positions per example")
+    session_gap: float | None = flag(None, "pft-s/budget: cut sessions where the user paused this many seconds")
+    max_session_items: int | None = flag(None, "longest time-gap session")
+    ppt_schedule: str = flag("linear", "ppt: p over training (linear, cosine, constant)")
+    ppt_p_max: float = flag(1.0, "ppt: the largest patch probability")
+    ppt_pair_text: bool = flag(True, "ppt: also train each example all-text in the same batch")
     # optimisation
-    max_steps: int = _f(0, "optimizer steps (0: --epochs over the data)")
-    epochs: float = _f(1.0, "passes over the split when --max-steps is 0")
-    schedule_change: str = _f("refuse", "a resume with other --max-steps/--epochs: refuse, or stretch the LR and "
+    max_steps: int = flag(0, "optimizer steps (0: --epochs over the data)")
+    epochs: float = flag(1.0, "passes over the split when --max-steps is 0")
+    schedule_change: str = flag("refuse", "a resume with other --max-steps/--epochs: refuse, or stretch the LR and "
                               "PPT schedules over the new length from the resumed step",
                               choices=("refuse", "stretch"))
-    ds_config_change: str = _f("refuse", "a resume with another DeepSpeed config (outside speed and memory "
+    ds_config_change: str = flag("refuse", "a resume with another DeepSpeed config (outside speed and memory "
                                "settings): refuse, or accept it from the resumed step on",
                                choices=("refuse", "accept"))
-    micro_batch: int = _f(16, "examples per rank per micro-step")
-    grad_accum: int = _f(1, "micro-steps per optimizer step")
-    lr: float = _f(8e-6, "peak learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_ratio: float = _f(0.05, "share of steps warming up linearly; then cosine decay")
-    grad_clip: float = _f(0.3, "gradient norm clip")
-    seed: int = _f(42, "seed for data order, layouts and model init")
-    ds_config: str = _f("ds_configs/zero3.json", "DeepSpeed JSON config (batch sizes, lr are filled in)")
+    micro_batch: int = flag(16, "examples per rank per micro-step")
+    grad_accum: int = flag(1, "micro-steps per optimizer step")
+    lr: float = flag(8e-6, "peak learning rate")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    warmup_ratio: float = flag(0.05, "share of steps warming up linearly; then cosine decay")
+    grad_clip: float = flag(0.3, "gradient norm clip")
+    seed: int = flag(42, "seed for data order, layouts and model init")
+    ds_config: str = flag("ds_configs/zero3.json", "DeepSpeed JSON config (batch sizes, lr are filled in)")
     # checkpoints and output
-    output: str = _f("runs/run", "run folder or URL (s3://...): checkpoints, tb, config, final export")
-    save_every: int = _f(0, "save every N optimizer steps (0: only at the end and on signals)")
-    keep_last: int = _f(2, "checkpoints kept")
-    resume: str = _f("auto", "auto (newest complete checkpoint), never, or a checkpoint path")
-    universal: bool = _f(False, "allow resuming with another world size (DeepSpeed universal checkpoint)")
-    export: bool = _f(True, "write OUTPUT/final (an HF folder) at the end")
+    output: str = flag("runs/run", "run folder or URL (s3://...): checkpoints, tb, config, final export")
+    save_every: int = flag(0, "save every N optimizer steps (0: only at the end and on signals)")
+    keep_last: int = flag(2, "checkpoints kept")
+    resume: str = flag("auto", "auto (newest complete checkpoint), never, or a checkpoint path")
+    universal: bool = flag(False, "allow resuming with another world size (DeepSpeed universal checkpoint)")
+    export: bool = flag(True, "write OUTPUT/final (an HF folder) at the end")
     # monitoring
-    log_every: int = _f(1, "progress line every N steps (rank 0)")
-    log_examples: bool = _f(False, "write OUTPUT/examples/rank*.jsonl: the examples of every step (audit)")
-    eval_every: int = _f(0, "validation loss every N steps (0: never)")
-    eval_batches: int = _f(8, "validation micro-batches per evaluation")
-    dist_timeout_s: int = _f(300, "collective timeout: a dead rank fails the job after this long")
+    log_every: int = flag(1, "progress line every N steps (rank 0)")
+    log_examples: bool = flag(False, "write OUTPUT/examples/rank*.jsonl: the examples of every step (audit)")
+    eval_every: int = flag(0, "validation loss every N steps (0: never)")
+    eval_batches: int = flag(8, "validation micro-batches per evaluation")
+    dist_timeout_s: int = flag(300, "collective timeout: a dead rank fails the job after this long")
 
     def check(self) -> None:
         """Refuse values that cannot work, naming the flag."""

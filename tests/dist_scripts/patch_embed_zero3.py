@@ -46,7 +46,8 @@ from deepspeed.accelerator import get_accelerator
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.integrations import HfDeepSpeedConfig
 
-from patchrec_dist.model.patch_embed import PatchIndex, embed_with_patches, per_item_loop_reference
+from patchrec_dist.model.patch_embed import embed_with_patches, per_item_loop_reference
+from patchrec_dist.patching.patch_index import PatchIndex
 
 VOCAB = 300
 PAD, PLACEHOLDER = 0, 1
