@@ -19,7 +19,6 @@ segment); the `Segment` list is the readable form built from it.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
@@ -238,51 +237,11 @@ def _prefix_session_counter(
     return count
 
 
-# Segments are immutable, so single-item ones are built once per (kind, position) and shared:
-# list slices of these caches are what makes the readable form cheap for long histories.
-_SINGLE_CACHE_MAX = 1 << 16
-_SINGLES: dict[int, list[Segment]] = {TEXT: [], ITEM: []}
-_CACHE_LOCK = threading.Lock()
-
-
-def _single_segments(kind: int, start: int, stop: int) -> list[Segment]:
-    cache = _SINGLES[kind]
-    if stop > len(cache) and len(cache) < _SINGLE_CACHE_MAX:
-        with _CACHE_LOCK:  # threads may share the caches; grow them in one locked step
-            have = len(cache)
-            name = KIND_NAMES[kind]
-            cache.extend([Segment(name, (i,)) for i in range(have, min(stop, _SINGLE_CACHE_MAX))])
-    out = cache[start:stop]
-    if stop > _SINGLE_CACHE_MAX:
-        name = KIND_NAMES[kind]
-        out.extend(Segment(name, (i,)) for i in range(max(start, _SINGLE_CACHE_MAX), stop))
-    return out
-
-
 def _to_segments(arrays: LayoutArrays) -> list[Segment]:
-    """Readable form. Consecutive text (or item) segments cover consecutive positions in every layout."""
-    kinds = arrays.kinds
-    n_seg = kinds.shape[0]
-    if n_seg == 0:
-        return []
-    is_session = kinds == SESSION
-    run = np.empty(n_seg, dtype=bool)
-    run[0] = True
-    np.not_equal(kinds[1:], kinds[:-1], out=run[1:])
-    run |= is_session
-    heads = np.flatnonzero(run)
-    bounds = heads.tolist() + [n_seg]
-    head_kinds = kinds[heads].tolist()
-    head_starts = arrays.starts[heads].tolist()
-    head_ends = arrays.ends[heads].tolist()
-    out: list[Segment] = []
-    for r, kind in enumerate(head_kinds):
-        start = head_starts[r]
-        if kind == SESSION:
-            out.append(Segment("session", tuple(range(start, head_ends[r]))))
-        else:
-            out.extend(_single_segments(kind, start, start + bounds[r + 1] - bounds[r]))
-    return out
+    """The readable form of a layout (tests and tools/inspect_patching.py; the data path uses the
+    arrays): one Segment per segment."""
+    return [Segment(KIND_NAMES[kind], tuple(range(start, end)))
+            for kind, start, end in zip(arrays.kinds.tolist(), arrays.starts.tolist(), arrays.ends.tolist())]
 
 
 def segments_to_arrays(segments: Sequence[Segment]) -> LayoutArrays:
@@ -598,7 +557,7 @@ def positions_fed_arrays(arrays: LayoutArrays, title_lens: Sequence[int] | np.nd
 
 
 # ---------------------------------------------------------------------------------------------
-# stages, readable form (the public interface)
+# stages, readable form: a view of the array form above, for tests and tools/inspect_patching.py
 
 
 def layout_text(n: int, max_text_items: int | None = None) -> list[Segment]:
@@ -625,25 +584,7 @@ def layout_pft_s(
     gap larger than `session_gap`, each split into chunks of `max_session_items` (aligned from its
     recent end) when longer.
     """
-    if session_gap is None and max_session_items is None and isinstance(n, int) and isinstance(group_size, int):
-        return _pft_s_fixed(n, group_size)
     return _to_segments(pft_s_arrays(n, group_size, times, session_gap, max_session_items))
-
-
-def _pft_s_fixed(n: int, g: int) -> list[Segment]:
-    # Plain Python: at ~100 items a handful of numpy calls costs more than the whole layout.
-    _check_n(n)
-    _check_int("group_size", g, 1)
-    m = max(0, n - 2 * g)
-    first_text = max(0, n - g)
-    out: list[Segment] = []
-    if m:
-        head = m - g * ((m - 1) // g)
-        out.append(Segment("session", tuple(range(head))))
-        out.extend(Segment("session", tuple(range(e - g, e))) for e in range(head + g, m + 1, g))
-    out.extend(_single_segments(ITEM, m, first_text))
-    out.extend(_single_segments(TEXT, first_text, n))
-    return out
 
 
 def layout_ppt(n: int, p: float, rng: np.random.Generator | None) -> list[Segment]:
@@ -709,8 +650,6 @@ def make_layout(
     budget needs `title_lens`; time-gap sessions need `times`; ppt uses `p` (see `ppt_probability`)
     and `rng` (see `ppt_rng`).
     """
-    if spec.stage == "pft-s":
-        return layout_pft_s(n, spec.group_size, times, spec.session_gap, spec.max_session_items)
     return _to_segments(layout_arrays(spec, n, title_lens, times, p, rng))
 
 
