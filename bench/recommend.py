@@ -42,7 +42,7 @@ def make_run(folder: Path, model: str, data: str) -> Path:
         from patchrec_dist.model.smollm2 import smollm2_model_dir
 
         shutil.copytree(smollm2_model_dir(), final)
-    (folder / "config.json").write_text(json.dumps({"data": data, "stage": "pft-s", "group_size": 5}))
+    (folder / "config.json").write_text(json.dumps({"data": data, "layout": {"stage": "pft-s", "group_size": 5}}))
     return folder
 
 

@@ -55,7 +55,7 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tiny_model_folder, tmp_path):
 
     # fine-tuning started from pre-training; both wrote their curves; same users everywhere
     ft_config = json.loads((out / "runs" / "finetune" / "config.json").read_text())
-    assert ft_config["init"] == str(out / "runs" / "pretrain") and ft_config["stage"] == "pft-s"
+    assert ft_config["init"] == str(out / "runs" / "pretrain") and ft_config["layout"]["stage"] == "pft-s"
     assert len(read_scalars(str(out / "runs" / "pretrain" / "tb"))["train/loss"]) == 3
     assert len(read_scalars(str(out / "runs" / "finetune" / "tb"))["train/loss"]) == 4
     users = [[json.loads(line)["user"] for line in (folder / "predictions.jsonl").read_text().splitlines()]

@@ -87,7 +87,7 @@ def test_bad_flags_exit_2_with_a_message(learnable_dataset, tmp_path):
     code, out = evaluate("--data", learnable_dataset)
     assert code == 2 and "--run" in out
     code, out = evaluate("--run", str(tmp_path), "--data", learnable_dataset)
-    assert code == 2 and "not a model folder" in out
+    assert code == 2 and "not a training run's folder" in out
     code, out = evaluate("--model", str(tmp_path), "--data", learnable_dataset, "--top-k", "30")
     assert code == 2 and "--beams" in out
 

@@ -57,11 +57,12 @@ def test_plain_python_runs_a_one_process_job(one_process_run):
     assert "mpi4py" not in (one_process_run / "DONE.json").read_text()
 
 
-@pytest.mark.parametrize("script", ["pretrain", "finetune", "evaluate", "baseline", "submit"])
+@pytest.mark.parametrize("script", ["pretrain", "finetune", "evaluate", "baseline", "recommend", "submit"])
 def test_a_missing_data_set_is_named(script, tmp_path, one_process_run):
     out = str(tmp_path / "out")
     args = {"pretrain": ["--output", out], "finetune": ["--output", out],
             "evaluate": ["--run", str(one_process_run), "--output", out], "baseline": ["--output", out],
+            "recommend": ["--run", str(one_process_run), "--output", out],
             "submit": ["--cluster", "local", "--runs", out, "--dry-run"]}[script]
     proc = run(f"launchers/{script}.py", "--data", str(tmp_path / "nowhere"), *args)
     assert_refused(proc, "--data", "manifest.json")

@@ -9,6 +9,7 @@ import torch
 
 from patchrec_dist.model.load import resize_for_tokenizer
 from patchrec_dist.model.tiny import tiny_llama_config
+from patchrec_dist.patching.layouts import LayoutSpec
 from patchrec_dist.train.config import TrainConfig, parse_config
 
 
@@ -33,7 +34,12 @@ def test_config_file_and_flags(tmp_path):
     cfg_file.write_text("data: /d\nmicro-batch: 3\nstage: pft-i\nitem_len: 7\n")
     cfg = parse_config(["--config", str(cfg_file), "--micro-batch", "5", "--lora", "--max-history", "none"],
                        defaults={"stage": "ppt"})
-    assert (cfg.data, cfg.micro_batch, cfg.stage, cfg.item_len, cfg.lora, cfg.max_history) == ("/d", 5, "pft-i", 7, True, None)
+    assert (cfg.data, cfg.micro_batch, cfg.layout.stage, cfg.layout.item_len, cfg.lora, cfg.max_history) == \
+        ("/d", 5, "pft-i", 7, True, None)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("data: /d\nlayout:\n  stage: budget\n  max-positions: 64\n")
+    cfg = parse_config(["--config", str(nested), "--group-size", "3"])
+    assert (cfg.layout.stage, cfg.layout.max_positions, cfg.layout.group_size) == ("budget", 64, 3)
 
 
 def _another_value(f: dataclasses.Field, value):
@@ -49,8 +55,7 @@ def _another_value(f: dataclasses.Field, value):
 # what a resume may change (speed, memory, I/O, how long to run) and what it may not (what is trained)
 MUST_BE_NEUTRAL = {"num_workers", "log_every", "output", "save_every", "keep_last", "dist_timeout_s", "resume",
                    "universal", "export", "max_steps", "epochs", "attn_implementation", "ds_config"}
-MUST_COUNT = {"data", "split", "max_history", "model", "init", "lora", "lora_rank", "stage", "group_size", "item_len",
-              "max_positions", "ppt_schedule", "ppt_p_max", "micro_batch", "grad_accum", "lr", "weight_decay",
+MUST_COUNT = {"data", "split", "max_history", "model", "init", "lora", "lora_rank", "ppt_schedule", "ppt_p_max", "micro_batch", "grad_accum", "lr", "weight_decay",
               "warmup_ratio", "grad_clip", "seed", "bf16", "tiny_hidden", "window_shards"}
 
 
@@ -58,13 +63,16 @@ def test_every_field_that_changes_training_changes_the_resume_hash_and_no_other_
     from patchrec_dist.train.config import RESUME_NEUTRAL
 
     assert MUST_BE_NEUTRAL <= RESUME_NEUTRAL and not MUST_COUNT & RESUME_NEUTRAL
-    base = TrainConfig(data="/d", bf16=False)
-    fields = dataclasses.fields(TrainConfig)
+    base = TrainConfig(data="/d", bf16=False, layout=LayoutSpec("budget", max_positions=64, session_gap=3600.0))
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "layout"]
     assert {f.name for f in fields} >= MUST_BE_NEUTRAL | MUST_COUNT
     for f in fields:
         changed = dataclasses.replace(base, **{f.name: _another_value(f, getattr(base, f.name))})
         differs = changed.hash(ignore=RESUME_NEUTRAL) != base.hash(ignore=RESUME_NEUTRAL)
         assert differs == (f.name not in RESUME_NEUTRAL), f.name
+    for f in dataclasses.fields(LayoutSpec):  # every layout knob changes what is trained
+        layout = dataclasses.replace(base.layout, **{f.name: _another_value(f, getattr(base.layout, f.name))})
+        assert dataclasses.replace(base, layout=layout).hash(ignore=RESUME_NEUTRAL) != base.hash(ignore=RESUME_NEUTRAL)
 
 
 @pytest.mark.parametrize("argv,flag", [

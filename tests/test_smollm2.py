@@ -56,16 +56,57 @@ def test_folder_is_a_plain_hf_model(folder, hf_model):
     assert 130e6 < hf_model.num_parameters() < 140e6
 
 
-def test_logits_equal_the_gguf_loaded_model(hf_model):
+FRESH_PROCESS_LOGITS = """
+import sys, numpy as np, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor([[int(x) for x in sys.argv[3].split(",")]])
+with torch.no_grad():
+    np.save(sys.argv[2], model(ids).logits.numpy())
+"""
+
+
+def test_the_saved_folder_reloaded_in_a_fresh_process_gives_the_gguf_readers_logits(folder, tmp_path):
+    """What the conversion wrote to disk, read back by a process that never saw the GGUF, against
+    transformers' own GGUF reader."""
+    import numpy as np
     from transformers import AutoModelForCausalLM
 
+    ids = [1, 4093, 314, 260, 3575, 282, 4649, 47, 2, 17, 330]
+    out = tmp_path / "logits.npy"
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS_LOGITS, str(folder), str(out), ",".join(map(str, ids))],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     gguf = smollm2_gguf_path()
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    ids = torch.tensor([[1, 4093, 314, 260, 3575, 282, 4649, 47, 2, 17, 330]])
     with torch.no_grad():
-        got, want = hf_model(ids).logits, ref(ids).logits
-    assert got.shape == want.shape == (1, ids.shape[1], 49152)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        want = ref(torch.tensor([ids])).logits
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), want, atol=1e-4, rtol=0)
+
+
+def test_embeddings_equal_the_gguf_packages_own_dequantisation(hf_model):
+    """Independent of transformers' GGUF path: the gguf package reads and dequantises the Q8_0
+    token embeddings itself."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    tensor = next(t for t in GGUFReader(str(smollm2_gguf_path())).tensors if t.name == "token_embd.weight")
+    want = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type))
+    torch.testing.assert_close(hf_model.get_input_embeddings().weight.detach(), want, atol=0, rtol=0)
+
+
+def test_the_saved_tokenizer_tokenises_a_chat_like_the_gguf_one_and_round_trips(tokenizer):
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    original = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    chat = [{"role": "system", "content": "You recommend films."}, *QUESTION,
+            {"role": "assistant", "content": "Amélie (2001), 東京物語, Se7en"}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert text == original.apply_chat_template(chat, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == original(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
 
 
 def test_chat_template_and_generation(hf_model, tokenizer):

@@ -18,6 +18,7 @@ Exit status: 0 on success, 2 on bad flags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -25,14 +26,13 @@ from dataclasses import dataclass
 
 try:
     from patchrec_dist.patching.layouts import (
-        MIN_BUDGET_POSITIONS,
-        STAGES,
         LayoutSpec,
         Segment,
         make_layout,
         positions_fed,
         ppt_rng,
     )
+    from patchrec_dist.train.config import add_flag, flag_fields
 except ImportError as exc:  # pragma: no cover - only without an installed package
     sys.exit(f"inspect_patching: cannot import patchrec_dist ({exc}); install it first: pip install -e .")
 
@@ -63,15 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="HF tokenizer folder for title lengths (default: words per title)")
     d.add_argument("--max-history", type=int, default=100, help="with --data: most recent items kept (default 100)")
-    d.add_argument("--session-gap", type=float, default=None, help="pft-s/budget: time-gap sessions (seconds)")
-    d.add_argument("--max-session-items", type=int, default=None)
-    s = p.add_argument_group("stage")
-    s.add_argument("--stage", required=True, choices=STAGES)
-    s.add_argument("--max-text-items", type=int, default=None, metavar="K", help="text: keep only the last K items")
-    s.add_argument("--item-len", type=int, default=None, metavar="K", help="pft-i: items kept as text (default 5)")
-    s.add_argument("--group-size", type=int, default=None, metavar="G",
-                   help="pft-s: g (default 5); budget: the PFT-S shape it starts from")
-    s.add_argument("--max-positions", type=int, default=None, metavar="M", help="budget: history positions allowed")
+    s = p.add_argument_group("layout (the training and evaluation flags of the same names)")
+    for f, hint, dest, default in flag_fields(LayoutSpec):
+        add_flag(s, f, hint, dest, default)
     s.add_argument("--p", type=float, default=None, help="ppt: probability that an item is an item patch")
     s.add_argument("--seed", type=int, default=0, help="ppt: seed (epoch 0, example key 0)")
     o = p.add_argument_group("output")
@@ -105,18 +99,18 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--user needs --data")
     elif args.history_len is None:
         parser.error("--history-len is required (without --data)")
+    if args.stage is None:
+        parser.error("--stage is required")
     at_least(args.history_len, "--history-len", 0)
     at_least(args.title_tokens, "--title-tokens", 1)
-    at_least(args.max_text_items, "--max-text-items", 0)
-    at_least(args.item_len, "--item-len", 0)
-    at_least(args.group_size, "--group-size", 1)
-    at_least(args.max_positions, "--max-positions", MIN_BUDGET_POSITIONS)
     at_least(args.seed, "--seed", 0)
     for attr, (flag, stages) in _STAGE_FLAGS.items():
         if getattr(args, attr) is not None and args.stage not in stages:
             parser.error(f"{flag} applies to --stage {' / '.join(stages)}, not {args.stage}")
-    if args.stage == "budget" and args.max_positions is None:
-        parser.error("--stage budget needs --max-positions")
+    try:
+        spec_from_args(args)
+    except ValueError as exc:
+        parser.error(f"layout: {exc}")
     if args.stage == "ppt":
         if args.p is None:
             parser.error("--stage ppt needs --p")
@@ -125,13 +119,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def spec_from_args(args: argparse.Namespace) -> LayoutSpec:
-    kwargs = {"stage": args.stage, "max_text_items": args.max_text_items, "max_positions": args.max_positions,
-              "session_gap": getattr(args, "session_gap", None), "max_session_items": getattr(args, "max_session_items", None)}
-    if args.item_len is not None:
-        kwargs["item_len"] = args.item_len
-    if args.group_size is not None:
-        kwargs["group_size"] = args.group_size
-    return LayoutSpec(**kwargs)
+    """The layout flags given (the others keep LayoutSpec's defaults)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(LayoutSpec) if getattr(args, f.name) is not None}
+    return LayoutSpec(**given)
 
 
 def history_from_flags(args: argparse.Namespace) -> History:

@@ -25,6 +25,7 @@ settings) and does the rest; readers read the parts that recommendations.json li
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -46,7 +47,7 @@ from patchrec_dist.model.load import local_model_dir, resize_for_tokenizer, with
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import LayoutSpec
 from patchrec_dist.patching.prompt import PromptTemplate, PromptTokens, build_prompt_tokens
-from patchrec_dist.train.config import flag, read_run_config
+from patchrec_dist.train.config import flag, read_run_config, section
 
 
 @dataclass
@@ -73,19 +74,19 @@ def load_for_generation(model_dir: str, titles: list[str], template: PromptTempl
     return GenerationModel(model.to(device).eval(), tokenizer, tokens, TitleTrie.from_prompt_tokens(tokens), device)
 
 
-def layout_for(run_cfg: dict[str, Any], overrides: Any = None) -> LayoutSpec:
-    """The layout the model was trained with, unless OVERRIDES (an EvalConfig's layout flags) say
-    otherwise. PPT trains on random layouts; its deterministic evaluation is all text (p = 0),
-    which its paired copies train."""
-    def pick(name: str, default: Any) -> Any:
-        value = getattr(overrides, name, None)
-        return value if value is not None else run_cfg.get(name, default)
-
-    stage = pick("stage", "text")
-    return LayoutSpec(stage="text" if stage == "ppt" else stage, item_len=pick("item_len", 5),
-                      group_size=pick("group_size", 5), max_text_items=pick("max_text_items", None),
-                      max_positions=pick("max_positions", None), session_gap=run_cfg.get("session_gap"),
-                      max_session_items=run_cfg.get("max_session_items"))
+def layout_for(run_cfg: dict[str, Any], overrides: dict[str, Any] | None = None) -> LayoutSpec:
+    """The layout the model was trained with (all text for a base model without a run), changed
+    where OVERRIDES (the layout flags given) say so. PPT trains on random layouts; its
+    deterministic evaluation is all text (p = 0), which its paired copies train."""
+    trained = run_cfg.get("layout") or {"stage": "text"}
+    if "layout" not in run_cfg and "stage" in run_cfg:  # a run saved before the layout section: flat keys
+        trained = {f.name: run_cfg[f.name] for f in dataclasses.fields(LayoutSpec) if f.name in run_cfg}
+    if trained.get("stage") == "ppt":
+        trained = {**trained, "stage": "text"}
+    try:
+        return LayoutSpec(**{**trained, **(overrides or {})})
+    except ValueError as exc:
+        raise ValueError(f"layout {dict(trained, **(overrides or {}))}: {exc}") from None
 
 
 def eval_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -124,9 +125,11 @@ class Recommender:
 
     @classmethod
     def from_run(cls, run: str, data: str | None = None, device: str | torch.device | None = None,
-                 dtype: str = "auto", beams: int = 20, max_history: int | None = 100) -> Recommender:
+                 dtype: str = "auto", beams: int = 20, max_history: int | None = 100,
+                 layout: dict[str, Any] | None = None) -> Recommender:
         """A finished run (folder or URL: its final/ export, config and data set); DATA overrides
-        the data set whose catalog is recommended from."""
+        the data set whose catalog is recommended from, LAYOUT the run's layout (as evaluation's
+        layout flags do)."""
         from patchrec_dist.patching.prompt import resolve_template
         from patchrec_dist.train.distributed import local_device
 
@@ -140,7 +143,7 @@ class Recommender:
         if not storage.exists(storage.join(final, "config.json")):
             raise FileNotFoundError(f"{final}: no exported model (python tools/export_hf.py {run} {final})")
         loaded = load_for_generation(local_model_dir(final), titles, template, device, eval_dtype(dtype, device))
-        return cls(loaded, layout_for(run_cfg), catalog["item_id"].cast(str).to_list(), titles,
+        return cls(loaded, layout_for(run_cfg, layout), catalog["item_id"].cast(str).to_list(), titles,
                    max_history=max_history, beams=beams)
 
     def catalog_indices(self, history: Sequence[str | int]) -> np.ndarray:
@@ -214,6 +217,7 @@ class RecommendConfig:
                           choices=("auto", "bfloat16", "float16", "float32"))
     exclude_seen: bool = flag(False, "never recommend an item of the user's history (K titles still come back)")
     dist_timeout_s: int = flag(600, "collective timeout")
+    layout: dict = section(LayoutSpec, "prompt layout (default: the run's; these flags change it)", overrides=True)
 
     def check(self) -> None:
         if not self.run:
@@ -228,7 +232,7 @@ class RecommendConfig:
     def identity(self, data: str, generation: str) -> dict[str, Any]:
         """What the parts depend on: a part written under another identity is not reused."""
         keep = {k: v for k, v in asdict(self).items() if k in ("run", "users", "top_k", "beams", "max_history", "dtype",
-                                                                 "exclude_seen")}
+                                                                 "exclude_seen", "layout")}
         return {**keep, "data": data, "generation": generation}
 
 
@@ -248,7 +252,7 @@ def recommend_users(cfg: RecommendConfig) -> dict[str, Any]:
     identity = cfg.identity(data, manifest.generation)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     rec = Recommender.from_run(cfg.run, data=data, device=device, dtype=cfg.dtype, beams=cfg.beams,
-                               max_history=cfg.max_history or None)
+                               max_history=cfg.max_history or None, layout=cfg.layout)
     mine = [i for i in range(len(manifest.shards)) if i % world == rank]
     parts, present, t0, users_done = [], set(), time.perf_counter(), 0
     bar = tqdm(total=len(mine), unit="part", disable=rank != 0, desc="recommending")

@@ -27,13 +27,14 @@ from patchrec_dist.model.load import (
     resolve_model_source,
 )
 from patchrec_dist.patching.features import Patcher
+from patchrec_dist.patching.layouts import LayoutSpec
 from patchrec_dist.patching.prompt import resolve_template
 from patchrec_dist.train.config import (
     ATTN_IMPLEMENTATIONS,
-    STAGES,
     check_attn_implementation,
     flag,
     read_run_config,
+    section,
 )
 from patchrec_dist.train.distributed import init_distributed
 
@@ -52,11 +53,7 @@ class EvalConfig:
     scoring: str = flag("strict", "strict or patchrec-compat (the released prefix rule)",
                       choices=("strict", "patchrec-compat"))
     max_history: int | None = flag(100, "most recent history items per example; 0 keeps all")
-    stage: str | None = flag(None, "layout (default: the run's training stage)", choices=STAGES)
-    item_len: int | None = flag(None, "pft-i override")
-    group_size: int | None = flag(None, "pft-s override")
-    max_text_items: int | None = flag(None, "text override")
-    max_positions: int | None = flag(None, "budget override")
+    layout: dict = section(LayoutSpec, "prompt layout (default: the run's; these flags change it)", overrides=True)
     prompt_file: str | None = flag(None, "two-line prompt file (default: the run's / data set's)")
     domain: str | None = flag(None, "movie or book")
     num_workers: int = flag(1, "DataLoader workers per rank")
@@ -104,7 +101,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     loaded = load_for_generation(model_dir, titles, template, device, eval_dtype(cfg.dtype, device),
                                  cfg.attn_implementation)
     model, tokens, trie = loaded.model, loaded.tokens, loaded.trie
-    spec = layout_for(run_cfg, cfg)
+    spec = layout_for(run_cfg, cfg.layout)
 
     stream_cfg = StreamConfig(split=cfg.split, batch_size=cfg.batch_size, shuffle=False, remainder="pad",
                               max_history=cfg.max_history or None, num_workers=cfg.num_workers,

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal, NamedTuple, get_args
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 
@@ -51,17 +51,25 @@ class Segment:
     items: tuple[int, ...]  # text and item segments hold exactly one position
 
 
+def _knob(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass(frozen=True)
 class LayoutSpec:
-    """A stage and its parameters: the one object passed from config to the data pipeline."""
+    """A stage and its parameters: the one object passed from config to the data pipeline.
 
-    stage: Stage
-    max_text_items: int | None = None  # text: keep only the most recent K items (baseline truncation)
-    item_len: int = 5  # pft-i: how many recent items stay text
-    group_size: int = 5  # pft-s: g; budget: the PFT-S shape it starts from (see layout_budget)
-    max_positions: int | None = None  # budget: history positions allowed (segments + separators)
-    session_gap: float | None = None  # seconds; pft-s and budget: sessions end at larger time gaps
-    max_session_items: int | None = None  # time-gap sessions longer than this are split
+    Also the `layout` section of every config that lays out prompts (training, evaluation,
+    recommendation): each field is a command-line flag there (--stage, --group-size, ...), so a
+    new knob is one field here."""
+
+    stage: Stage = _knob("pft-s", "layout: text, ppt, pft-i, pft-s or budget", choices=STAGES)
+    max_text_items: int | None = _knob(None, "text: keep only the most recent K items (baseline truncation)")
+    item_len: int = _knob(5, "pft-i: how many recent items stay text")
+    group_size: int = _knob(5, "pft-s: g (text items = item patches = items per session patch); budget: its start shape")
+    max_positions: int | None = _knob(None, "budget: history positions per example (segments + separators)")
+    session_gap: float | None = _knob(None, "pft-s/budget: cut sessions where the user paused this many seconds")
+    max_session_items: int | None = _knob(None, "pft-s/budget: split time-gap sessions longer than this")
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

@@ -68,7 +68,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -280,6 +280,15 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+class Stateful(Protocol):
+    """What a component registers with the checkpoint manager (torchtitan's contract): a
+    JSON-serialisable, rank-independent state and the way back to it."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
 class CheckpointManager:
     """Save/load DeepSpeed checkpoints under ``OUTPUT/checkpoints`` (local dir or fsspec URL).
 
@@ -320,6 +329,15 @@ class CheckpointManager:
         self.universal_workers = universal_workers
         self.after_engine_save: Callable[[int, str], None] | None = None
         self._current_tag: str | None = None  # the checkpoint the engine's state equals (saved or loaded)
+        self._components: dict[str, Stateful] = {}
+
+    def register(self, name: str, component: Stateful) -> None:
+        """COMPONENT's state_dict() goes into every checkpoint's state.json under NAME, and a load
+        gives it back through load_state_dict(), before load() returns. Register once, before
+        the first save or load."""
+        if name in self._components or name in ("step", "tag", "world_size", "checkpoint"):
+            raise ValueError(f"checkpoint state {name!r} is taken")
+        self._components[name] = component
 
     # -- paths and small I/O ----------------------------------------------------------------
     def _fs(self, url: str):
@@ -493,17 +511,18 @@ class CheckpointManager:
             check(state)
 
     # -- save -------------------------------------------------------------------------------
-    def save(self, engine, step: int, state: Mapping[str, Any]) -> str:
-        """Collective: save a checkpoint of ENGINE at STEP with the caller's rank-independent
-        STATE (JSON-serialisable: step counters, data position, scheduler state, the resolved
-        config and its ``config_hash``). Adds ``step``, ``tag``, ``world_size`` and bookkeeping.
-        Returns the tag. Every rank must call it with the same step."""
+    def save(self, engine, step: int, state: Mapping[str, Any] | None = None) -> str:
+        """Collective: save a checkpoint of ENGINE at STEP with the registered components' states
+        and the caller's rank-independent STATE (JSON-serialisable: the resolved config and its
+        ``config_hash``, what a resume is checked against). Adds ``step``, ``tag``, ``world_size``
+        and bookkeeping. Returns the tag. Every rank must call it with the same step."""
         tag = tag_for_step(step)
         if tag == self._current_tag:  # the engine already equals that checkpoint (just saved/loaded)
             log.info("checkpoint %s already saved; not saving it again", tag)
             return tag
         rank, world = _rank(), _world()
-        record = dict(state)
+        record = dict(state or {})
+        record.update({name: c.state_dict() for name, c in self._components.items()})
         record.update(step=int(step), tag=tag, world_size=world)
         bad = _json_path_of_bad_value(record)
         if bad:
@@ -610,9 +629,9 @@ class CheckpointManager:
         universal: bool = False,
         load_optimizer_states: bool = True,
     ) -> dict[str, Any] | None:
-        """Collective: restore ENGINE (module, optimizer, scheduler) and this rank's RNG states
-        from a checkpoint; return its saved state dict, or None when TAG is None and this
-        output has no complete checkpoint.
+        """Collective: restore ENGINE (module, optimizer, scheduler), this rank's RNG states and
+        every registered component from a checkpoint; return its saved state dict, or None when
+        TAG is None and this output has no complete checkpoint.
 
         TAG: None (newest complete checkpoint of this output), a tag, or a checkpoint dir (path
         or URL, e.g. from :meth:`resolve_resume`). EXPECT: see :meth:`check_compatible`.
@@ -635,6 +654,9 @@ class CheckpointManager:
             return None
         url, state = found
         self.check_compatible(state, expect, _world(), url, universal=universal)
+        missing = [n for n in self._components if n not in state]
+        if missing:  # before anything is loaded
+            raise CheckpointError(f"checkpoint {url}: {STATE_FILE} has no state for {', '.join(missing)}")
         if universal and not self._universal_ready(url):
             self.convert_to_universal(url)
 
@@ -686,6 +708,8 @@ class CheckpointManager:
         _barrier()
         if staged is not None:
             shutil.rmtree(staged if universal else os.path.dirname(staged), ignore_errors=True)
+        for component_name, component in self._components.items():
+            component.load_state_dict(state[component_name])
         self._current_tag = name if url == self.tag_url(name) else None
         return state
 

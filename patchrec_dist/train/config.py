@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from patchrec_dist.patching.layouts import STAGES, LayoutSpec
+from patchrec_dist.patching.layouts import LayoutSpec
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 
@@ -30,6 +29,15 @@ def flag(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def section(cls: type, help: str, overrides: bool = False) -> Any:
+    """A config field holding a whole dataclass (the `layout` section): its fields are flags of
+    the config's command line under their own names, and a nested mapping (or those flat keys) in
+    a --config file. OVERRIDES: the field is a dict of only the values given (evaluation and
+    recommendation start from the run's own layout and change what the flags say)."""
+    return field(default_factory=dict if overrides else cls,
+                 metadata={"help": help, "section": cls, "overrides": overrides})
 
 
 @dataclass
@@ -56,14 +64,8 @@ class TrainConfig:
     attn_implementation: str = flag("sdpa", "attention kernel: sdpa, flash_attention_2 (needs flash-attn) or eager",
                                   choices=ATTN_IMPLEMENTATIONS)
     grad_checkpointing: bool = flag(False, "recompute activations in backward")
-    # stage
-    stage: str = flag("pft-s", "layout: text, ppt, pft-i, pft-s or budget", choices=STAGES)
-    item_len: int = flag(5, "pft-i: items kept as text")
-    group_size: int = flag(5, "pft-s: g (text items = item patches = session size)")
-    max_text_items: int | None = flag(None, "text: keep only the most recent K items")
-    max_positions: int | None = flag(None, "budget: history positions per example")
-    session_gap: float | None = flag(None, "pft-s/budget: cut sessions where the user paused this many seconds")
-    max_session_items: int | None = flag(None, "longest time-gap session")
+    # the prompt layout: --stage, --group-size, --item-len, ... (patching/layouts.py: LayoutSpec)
+    layout: LayoutSpec = section(LayoutSpec, "prompt layout")
     ppt_schedule: str = flag("linear", "ppt: p over training (linear, cosine, constant)")
     ppt_p_max: float = flag(1.0, "ppt: the largest patch probability")
     ppt_pair_text: bool = flag(True, "ppt: also train each example all-text in the same batch")
@@ -117,15 +119,6 @@ class TrainConfig:
         check_attn_implementation(self.attn_implementation)
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"--split {self.split!r}: expected train, val or test")
-        try:
-            self.layout_spec()
-        except ValueError as exc:
-            raise ValueError(f"--stage {self.stage}: {exc}") from None
-
-    def layout_spec(self) -> LayoutSpec:
-        return LayoutSpec(stage=self.stage, max_text_items=self.max_text_items, item_len=self.item_len,
-                          group_size=self.group_size, max_positions=self.max_positions,
-                          session_gap=self.session_gap, max_session_items=self.max_session_items)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,9 +145,7 @@ def check_attn_implementation(name: str) -> None:
 
 
 def _base_type(tp: Any) -> tuple[type, bool]:
-    """(type, optional) from an annotation such as `int | None`."""
-    if isinstance(tp, str):
-        tp = eval(tp, {"typing": typing, "types": types})  # noqa: S307 - our own annotations
+    """(type, optional) from a resolved annotation such as `int | None`."""
     args = typing.get_args(tp)
     if args and type(None) in args:
         return next(a for a in args if a is not type(None)), True
@@ -183,22 +174,39 @@ def build_parser(cls: type = TrainConfig, defaults: dict[str, Any] | None = None
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML or JSON file with any of the flags below (flags win)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    for f, hint, dest, default in flag_fields(cls, defaults or {}):
+        add_flag(p, f, hint, dest, default)
+    return p
+
+
+def flag_fields(cls: type, defaults: dict[str, Any] | None = None):
+    """(field, type, dest, shown default) for every flag of CLS: its own fields, and the fields
+    of its sections under `section.field` dests."""
+    defaults = defaults or {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, optional = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = (defaults or {}).get(f.name, f.default)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        if tp is bool:
-            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
-        else:
-            base = tp if tp in (int, float, str) else str
-            kwargs["type"] = (lambda b: (lambda s: None if s.lower() in ("none", "null") else b(s)))(base) if optional else base
-        p.add_argument(flag, **kwargs)
-    return p
+        sub = f.metadata.get("section")
+        if sub is None:
+            yield f, hints[f.name], f.name, defaults.get(f.name, f.default)
+            continue
+        sub_hints, given = typing.get_type_hints(sub), defaults.get(f.name, {})
+        for g in dataclasses.fields(sub):
+            shown = "the run's" if f.metadata["overrides"] else given.get(g.name, g.default)
+            yield g, sub_hints[g.name], f"{f.name}.{g.name}", shown
+
+
+def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any, dest: str, default: Any) -> None:
+    """--FIELD-NAME for dataclass field F of type HINT: its help and choices (an Optional accepts none)."""
+    tp, optional = _base_type(hint)
+    kwargs: dict[str, Any] = {"dest": dest, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+    if "choices" in f.metadata:
+        kwargs["choices"] = f.metadata["choices"]
+    if tp is bool:
+        kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+    else:
+        base = tp if tp in (int, float, str) else str
+        kwargs["type"] = (lambda b: (lambda s: None if s.lower() in ("none", "null") else b(s)))(base) if optional else base
+    parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 RUN_CONFIG_FILE = "config.json"  # the resolved TrainConfig, saved at the top of every run's folder
@@ -224,23 +232,31 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None = None,
                  cls: type = TrainConfig, description: str = "") -> Any:
-    """Defaults < the launcher's DEFAULTS < --config file < command-line flags."""
+    """Defaults < the launcher's DEFAULTS < --config file < command-line flags. A section's keys
+    may be nested in the file (`layout: {stage: pft-i}`) or flat (`stage: pft-i`), as on the
+    command line."""
     parser = build_parser(cls, defaults, description)
     args = vars(parser.parse_args(argv))
     args.pop("local_rank", None)
-    values: dict[str, Any] = dict(defaults or {})
-    if args.get("config"):
+    values: dict[str, Any] = {}
+    _merge(values, cls, dict(defaults or {}), parser, "the launcher's defaults")
+    config_file = args.pop("config", None)
+    if config_file:
         try:
-            values.update(load_config_file(args.pop("config")))
+            loaded = load_config_file(config_file)
         except (OSError, ValueError, yaml.YAMLError) as exc:
             parser.error(f"--config: {exc}")
-    else:
-        args.pop("config", None)
-    values.update(args)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        parser.error(f"unknown option(s) in --config: {', '.join(unknown)}")
+        _merge(values, cls, loaded, parser, f"--config {config_file}")
+    for dest, value in args.items():  # flags: "name", or "section.name" for a section's
+        head, _, name = dest.rpartition(".")
+        (values.setdefault(head, {}) if head else values)[name] = value
+    for f in dataclasses.fields(cls):
+        sub = f.metadata.get("section")
+        if sub is not None and not f.metadata["overrides"]:
+            try:
+                values[f.name] = sub(**values.get(f.name, {}))
+            except (TypeError, ValueError) as exc:
+                parser.error(f"{f.metadata['help']}: {exc}")
     try:
         cfg = cls(**values)
     except (TypeError, ValueError) as exc:
@@ -252,3 +268,28 @@ def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None 
         except ValueError as exc:
             parser.error(str(exc))
     return cfg
+
+
+def _merge(values: dict[str, Any], cls: type, given: dict[str, Any], parser: argparse.ArgumentParser,
+           where: str) -> None:
+    """GIVEN (flat or with nested sections) into VALUES, keyed as the dataclass CLS is."""
+    own = {f.name: f for f in dataclasses.fields(cls)}
+    in_section = {g.name: f.name for f in own.values() if f.metadata.get("section")
+                  for g in dataclasses.fields(f.metadata["section"])}
+    unknown = []
+    for key, value in given.items():
+        if key in own and own[key].metadata.get("section"):
+            if not isinstance(value, dict):
+                parser.error(f"{where}: {key} must be a mapping of its flags to values")
+            for sub_key, sub_value in value.items():
+                if sub_key.replace("-", "_") not in in_section:
+                    unknown.append(f"{key}.{sub_key}")
+                values.setdefault(key, {})[sub_key.replace("-", "_")] = sub_value
+        elif key in in_section:
+            values.setdefault(in_section[key], {})[key] = value
+        elif key in own:
+            values[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        parser.error(f"unknown option(s) in {where}: {', '.join(sorted(unknown))}")

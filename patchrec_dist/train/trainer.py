@@ -236,6 +236,16 @@ def validation_loss(engine: Any, make_loader, batches: int, device: torch.device
     return loss / max(1.0, tokens)
 
 
+class Counters(dict):
+    """The training loop's own counters, a checkpointed component (CheckpointManager.register)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.update(state)
+
+
 def micro_batch_source(loader: StreamLoader, patcher: Patcher, counters: dict[str, int]) -> Iterator[Batch]:
     """Batches across epochs; keeps the patcher's micro-step offset (PPT's schedule) in step."""
     while True:
@@ -296,7 +306,7 @@ class Trainer:
         stream_cfg = StreamConfig(split=cfg.split, batch_size=cfg.micro_batch, seed=cfg.seed,
                                   window_shards=cfg.window_shards, max_history=cfg.max_history or None,
                                   num_workers=cfg.num_workers)
-        self.patcher = Patcher(self.tokens, cfg.layout_spec(), seed=cfg.seed, grad_accum=cfg.grad_accum,
+        self.patcher = Patcher(self.tokens, cfg.layout, seed=cfg.seed, grad_accum=cfg.grad_accum,
                                ppt_schedule=cfg.ppt_schedule, ppt_p_max=cfg.ppt_p_max,
                                ppt_pair_text=cfg.ppt_pair_text)
         self.loader = StreamLoader(manifest, stream_cfg, self.rank, self.world, transform=self.patcher,
@@ -312,7 +322,9 @@ class Trainer:
         write_run_files(cfg, self.tokenizer, model, self.rank)
 
         self.ckpt = CheckpointManager(cfg.output, keep_last=cfg.keep_last)
-        self.step, self.counters = 0, {"micro_before_epoch": 0}
+        self.step, self.counters = 0, Counters(micro_before_epoch=0)
+        self.ckpt.register("data", self.loader)  # the stream's position (every rank's, one state)
+        self.ckpt.register("counters", self.counters)  # the PPT schedule's micro-step count
         tag = self.ckpt.resolve_resume(cfg.resume)
         if tag is not None:
             # the run's length is checked before anything is loaded (a refusal after a 100 GB load wastes minutes)
@@ -320,15 +332,13 @@ class Trainer:
                       "check": lambda saved: check_resume_unchanged(saved, cfg, ds_config, tag)}
             state = self.ckpt.load(self.engine, tag, expect=expect, universal=cfg.universal)
             self.step = int(state["step"])
-            self.counters.update(state["counters"])
-            self.loader.load_state_dict(state["data"])
             # PPT's schedule follows global progress: after a world-size or worker change the stream
             # restarts its batch count on the examples nobody consumed, so this epoch's batch 0 is
             # re-anchored at the micro-batch the run has reached (the same value when nothing changed)
             self.counters["micro_before_epoch"] = self.step * cfg.grad_accum - self.loader.batches_done
         self.monitor = Monitor(os.path.join(self.work, "tb"), self.rank == 0, self.step, self.total_steps,
                                cfg.log_every)
-        self.monitor.text(f"training {cfg.stage} on {manifest.num_examples(cfg.split):,} {cfg.split} examples: "
+        self.monitor.text(f"training {cfg.layout.stage} on {manifest.num_examples(cfg.split):,} {cfg.split} examples: "
                           f"{self.total_steps} steps x {self.world} ranks x {cfg.grad_accum} x {cfg.micro_batch}, "
                           f"{type(self.engine.basic_optimizer).__name__}"
                           + (f", resumed at step {self.step} ({tag})" if tag else ""))
@@ -360,8 +370,7 @@ class Trainer:
         # by the resumed run's purge_step.
         self.monitor.flush()
         sync_tensorboard(self.work, self.cfg.output, self.rank)
-        self.ckpt.save(self.engine, self.step, {
-            "step": self.step, "counters": dict(self.counters), "data": self.loader.state_dict(),
+        self.ckpt.save(self.engine, self.step, {  # what a resume is checked against (check_resume_unchanged)
             "config": self.cfg.to_dict(), "config_hash": self.config_hash, "total_steps": self.total_steps,
             "ds_config": self.ds_config})
 
