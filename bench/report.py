@@ -82,13 +82,22 @@ def speed_rows(r: dict[str, dict]) -> list[str]:
                         f"whole histories, {c['beams']} beams, {c['ranks']} ranks | {m['users_per_s_per_rank']:.2f} "
                         f"users/s per rank ({pos['fed_mean']:.0f} of {pos['all_text_mean']:.0f} all-text positions "
                         f"per user) | `{c['command']}` | {_machine(c['machine'])} |")
-    if "evaluate" in r:
-        v = r["evaluate"]
-        eps = v["examples_per_s"]
-        rows.append(f"| evaluation: KV-cache trie beam search vs the released protocol ({v['setup']['beams']} beams, "
-                    f"same top-{v['setup']['top_k']}: {v['same_top_k']}) | {eps['kv-cache']:.1f} vs "
-                    f"{eps['released-reference']:.1f} examples/s = {v['speedup']:.1f}x | `{v['command']}` | "
-                    f"{_machine(v['machine'])} |")
+    for key in ("evaluate", "evaluate-smollm2"):
+        if key not in r:
+            continue
+        v = r[key]
+        eps, model = v["examples_per_s"], v["setup"]["model"].split(" (")[0]
+        if "released-reference" in eps:
+            rows.append(f"| evaluation ({model}): KV-cache trie beam search vs the released protocol "
+                        f"({v['setup']['beams']} beams, same top-{v['setup']['top_k']}: {v['same_top_k']}) | "
+                        f"{eps['kv-cache']:.1f} vs {eps['released-reference']:.1f} examples/s = {v['speedup']:.1f}x | "
+                        f"`{v['command']}` | {_machine(v['machine'])} |")
+        if "hf-generate-cached" in eps:
+            rows.append(f"| evaluation ({model}): KV-cache trie beam search vs stock `generate(inputs_embeds=..., "
+                        f"num_beams={v['setup']['beams']}, use_cache=True)` with a vectorised trie processor "
+                        f"(same top-{v['setup']['top_k']}: {v['same_top_k']}) | {eps['kv-cache']:.1f} vs "
+                        f"{eps['hf-generate-cached']:.1f} examples/s = {v['speedup_vs_hf_generate_cached']:.2f}x | "
+                        f"`{v['command']}` | {_machine(v['machine'])} |")
     return rows
 
 

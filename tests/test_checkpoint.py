@@ -70,8 +70,8 @@ def test_check_compatible_refusals():
     CheckpointManager.check_compatible(state, ok, 2, "/x/ckpt")  # a resume-neutral field changed: fine
     CheckpointManager.check_compatible(state, None, 2, "/x/ckpt")
 
-    new = dataclasses.replace(cfg, group_size=3)
-    with pytest.raises(CheckpointError, match=r"/x/ckpt.*different configuration.*differing keys: group_size\."):
+    new = dataclasses.replace(cfg, layout=dataclasses.replace(cfg.layout, group_size=3))
+    with pytest.raises(CheckpointError, match=r"/x/ckpt.*different configuration.*differing keys: layout\.group_size\."):
         CheckpointManager.check_compatible(
             state, {"config_hash": new.hash(ignore=RESUME_NEUTRAL), "config": new.to_dict(), "ignore": RESUME_NEUTRAL},
             2, "/x/ckpt")

@@ -24,6 +24,7 @@ from patchrec_dist.patching.features import assemble
 from patchrec_dist.patching.layouts import LayoutSpec, layout_arrays
 from patchrec_dist.patching.patch_index import PatchIndex
 from patchrec_dist.patching.prompt import PromptTemplate, build_prompt_tokens, chat_text, history_text
+from tests.conftest import REPO
 
 TITLES = ["Heat", "Heathers", "Heat 2", "Alien", "Aliens", "Toy Story (1995)", "GoldenEye", "Se7en",
           "12 Angry Men", "Amélie", "Star Wars", "Star Trek", "Jaws", "Jaws 2", "Fargo", "Casablanca",
@@ -317,3 +318,24 @@ def test_a_memorising_model_ranks_the_target_first(env):
     results = generate_topk(model, emb, collate_for_generation(feats, tokens), trie, num_beams=5, top_k=5)
     assert [int(target) in hits[0].items for target, hits in zip(targets, results)] == [True] * len(feats)
     assert time.perf_counter() - t0 < 60  # ~4 s here
+
+
+@pytest.mark.timeout(300)
+def test_stock_hf_generate_with_the_trie_processor_finds_the_same_top_k(tmp_path):
+    """bench/evaluate.py's fair anchor (stock generate from inputs_embeds, cache on, the trie as a
+    vectorised LogitsProcessor) returns the KV-cache beam search's top-K on real prompts; the
+    benchmark exits 1 when they differ."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "evaluate.json"
+    proc = subprocess.run([sys.executable, "bench/evaluate.py", "--examples", "6", "--batch", "3", "--beams", "6",
+                           "--methods", "kv-cache,hf-generate-cached", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    check = result["agreement_with_kv_cache"]["hf-generate-cached"]
+    assert check["same_top_k"] and check["max_score_diff"] < 1e-3, check
+    assert result["setup"]["examples"] == 6 and result["speedup_vs_hf_generate_cached"] > 0
+

@@ -84,6 +84,17 @@ def test_training_launchers_name_a_bad_model_or_init(flag, value, words, learnab
     assert not (tmp_path / "out").exists()
 
 
+def test_pretrain_and_submit_name_a_bad_model(learnable_dataset, not_a_model, tmp_path):
+    out = str(tmp_path / "out")
+    assert_refused(run("launchers/pretrain.py", "--data", learnable_dataset, "--model", str(tmp_path / "nowhere"),
+                       "--output", out), "--model", "no such file or folder")
+    assert_refused(run("launchers/pretrain.py", "--data", learnable_dataset, "--init", str(not_a_model),
+                       "--output", out), "--init", "config.json")
+    assert_refused(run("launchers/submit.py", "--cluster", "local", "--data", learnable_dataset, "--runs", out,
+                       "--model", str(not_a_model), "--dry-run"), "--model", "no config.json")
+    assert not (tmp_path / "out").exists()
+
+
 def test_evaluate_and_recommend_name_a_bad_run_or_model(learnable_dataset, not_a_model, one_process_run, tmp_path):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -106,7 +117,10 @@ def test_an_object_store_that_does_not_answer_is_named_within_60s(one_process_ru
     env = {"PATCHREC_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
            "AWS_SECRET_ACCESS_KEY": "y"}
     url = "s3://no-such-bucket/ds"
-    cases = [("launchers/finetune.py", ["--data", url, "--model", "tiny", "--output", str(tmp_path / "o")], "--data"),
+    cases = [("launchers/pretrain.py", ["--data", url, "--model", "tiny", "--output", str(tmp_path / "o")], "--data"),
+             ("launchers/finetune.py", ["--data", url, "--model", "tiny", "--output", str(tmp_path / "o")], "--data"),
+             ("launchers/submit.py", ["--cluster", "local", "--data", url, "--runs", str(tmp_path / "o"), "--dry-run"],
+              "--data"),
              ("launchers/evaluate.py", ["--data", url, "--run", str(one_process_run)], "--data"),
              ("launchers/baseline.py", ["--data", url, "--output", str(tmp_path / "o")], "--data"),
              ("launchers/recommend.py", ["--run", "s3://no-such-bucket/run", "--output", str(tmp_path / "o")], "--run")]

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.integrations import HfDeepSpeedConfig
 
-from patchrec_dist.train.checkpoint import CheckpointError, CheckpointManager, config_hash, tag_for_step
+from patchrec_dist.train.checkpoint import CheckpointError, CheckpointManager, tag_for_step
 from patchrec_dist.train.signals import RESUME_EXIT_CODE, StopFlag
 
 VOCAB = 300
@@ -108,6 +108,20 @@ def checksum(engine) -> tuple[float, str]:
             h.update(t.numpy().tobytes())
             total += float(t.double().sum()) * (i + 1) + float(t.double().abs().sum())
     return total, h.hexdigest()
+
+
+def config_hash(config: dict, ignore: set[str]) -> str:
+    """This script's resume check: the config minus the IGNOREd dotted keys, hashed (the trainer
+    hashes its TrainConfig the same way, TrainConfig.hash)."""
+    kept = copy.deepcopy(config)
+    for dotted in ignore:
+        *path, last = dotted.split(".")
+        node = kept
+        for part in path:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
 def main() -> int:
