@@ -11,6 +11,7 @@ its own checks: these are the early copy of the same conditions, not a replaceme
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any
@@ -122,7 +123,7 @@ def check_resume(cfg: Any) -> None:
         if tag is None:
             return
         resolved = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available()  # as Trainer.setup resolves it
-        probe = type(cfg)(**{**cfg.to_dict(), "bf16": resolved})
+        probe = dataclasses.replace(cfg, bf16=resolved)
         ds_config = make_ds_config(probe, world)
         expect = {"config_hash": probe.hash(ignore=RESUME_NEUTRAL), "config": probe.to_dict(),
                   "ignore": RESUME_NEUTRAL, "check": lambda saved: check_resume_unchanged(saved, probe, ds_config, tag)}
