@@ -87,10 +87,10 @@ class Job(submitit.helpers.Checkpointable):
                 break
             log(f"{self.name}: the ranks stopped at a checkpoint: resuming in place")
         if code == RESUME_EXIT_CODE and self._node.world.node_rank != 0:
-            return {"stage": self.name, "exit": code}  # node 0 requeues the job
+            return {"job": self.name, "exit": code}  # node 0 requeues the job
         if code != 0:
             raise RuntimeError(f"stage {self.name} failed: {' '.join(self.command())} exited with {code}")
-        return {"stage": self.name, "exit": code}
+        return {"job": self.name, "exit": code}
 
     # -- submitit: requeue only after the ranks saved --------------------------------------------
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

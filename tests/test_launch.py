@@ -165,3 +165,22 @@ def test_cli_runs_the_ranks_and_passes_their_exit_code_on(tmp_path):
     assert sorted(ln for ln in out.stdout.splitlines() if ln.startswith("R ")) == \
         ["R 0 2 --local_rank=0", "R 1 2 --local_rank=1"]
     assert "node 0: ranks exited: rank 0: 75, rank 1: 75" in out.stderr
+
+
+def test_a_stale_extension_build_lock_is_named(tmp_path, capsys):
+    """A DeepSpeed op build killed mid-way leaves torch's build lock, and every later start waits on it."""
+    import os
+    import time
+
+    from patchrec_dist.train.distributed import warn_stale_build_locks
+
+    live = tmp_path / "py311_cpu" / "cpu_adam" / "lock"
+    dead = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    for path in (live, dead):
+        path.parent.mkdir(parents=True)
+        path.touch()
+    old = time.time() - 3600
+    os.utime(dead, (old, old))
+    assert warn_stale_build_locks(str(tmp_path), max_age_s=900) == [str(dead)]
+    err = capsys.readouterr().err
+    assert str(dead) in err and str(live) not in err and "Remove it" in err

@@ -132,7 +132,7 @@ def test_slurm_stage_preempted_through_submitit_saves_requeues_and_resumes_exact
               f"{time.monotonic() - t0:.0f}s")
         assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (info, text[-4000:])
         assert info.get("Restarts") == "2", (info, text[-4000:])
-        assert job.result() == {"stage": "pretrain", "exit": 0}
+        assert job.result() == {"job": "pretrain", "exit": 0}
         # the ranks saved: the first time on SLURM's USR2 (12), which reaches every process of the step (and
         # checkpoint()'s USR1, 10); the second time SLURM's TERM (15) reached them too (the launcher forwards
         # it as USR1, which may arrive first)

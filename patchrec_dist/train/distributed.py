@@ -41,6 +41,8 @@ def init_distributed(timeout_s: int, deepspeed_comm: bool = True) -> tuple[int, 
     if deepspeed_comm:
         import deepspeed
 
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one warning per node
+            warn_stale_build_locks()
         if not launched():
             # a plain `python launchers/finetune.py`: a world of one, as torchrun and the HF Trainer
             # allow (without these DeepSpeed looks for an MPI launcher and fails on mpi4py)
@@ -53,6 +55,35 @@ def init_distributed(timeout_s: int, deepspeed_comm: bool = True) -> tuple[int, 
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
+
+
+#: A JIT build of a DeepSpeed op takes seconds to minutes; a lock older than this is a dead build's.
+STALE_BUILD_LOCK_S = 900.0
+
+
+def warn_stale_build_locks(root: str | None = None, max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Warn (stderr) about torch extension build locks older than MAX_AGE_S, and return them.
+
+    DeepSpeed JIT-builds its CPU ops (the shm all-reduce, CPU Adam) through torch's cpp_extension,
+    which holds ROOT/<ext>/lock while it builds. A build killed mid-way leaves the lock, and every
+    later launch waits on it forever, silently (seen here: a CI run killed at the wrong moment hung
+    every DeepSpeed start after it). Removing the file is the fix; a live build is not old."""
+    import sys
+    import time
+
+    if root is None:
+        root = os.environ.get("TORCH_EXTENSIONS_DIR")
+        if root is None:
+            from torch.utils.cpp_extension import get_default_build_root
+
+            root = get_default_build_root()
+    stale = [path for path in glob.glob(os.path.join(root, "**", "lock"), recursive=True)
+             if time.time() - os.path.getmtime(path) > max_age_s]
+    for path in stale:
+        print(f"warning: {path} is {(time.time() - os.path.getmtime(path)) / 60:.0f} min old: a DeepSpeed op build "
+              "that died left it, and DeepSpeed will wait on it forever. Remove it if no build is running.",
+              file=sys.stderr)
+    return stale
 
 
 def free_port() -> int:
