@@ -31,7 +31,7 @@ from patchrec_dist.data.manifest import load_manifest
 from patchrec_dist.data.readers import read_log
 from patchrec_dist.data.sharding import ShardOptions, shard_log
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
-from patchrec_dist.evaluate.generate import GenerationCollator, Hit, generate_topk
+from patchrec_dist.evaluate.generate import GenerationCollator, Hit, generate_topk, hits_from_generate
 from patchrec_dist.evaluate.trie import TitleTrie
 from patchrec_dist.fetch import movielens_100k_recbole
 from patchrec_dist.model.patch_embed import embed_with_patches
@@ -127,21 +127,7 @@ def hf_generate_cached(model, batch, trie: TitleTrie, num_beams: int, top_k: int
     b = ids.shape[0]
     sequences = out.sequences.view(b, num_beams, -1).cpu().tolist()
     scores = out.sequences_scores.view(b, num_beams).float().cpu().tolist()
-    results = []
-    for seqs, scs in zip(sequences, scores):
-        hits: list[Hit] = []
-        seen: set[tuple[int, ...]] = set()
-        for seq, sc in zip(seqs, scs):
-            if eot not in seq or not sc > -1e6:
-                continue
-            seq = seq[: seq.index(eot) + 1]
-            items = trie.items(seq)
-            if not items or tuple(seq) in seen:
-                continue
-            seen.add(tuple(seq))
-            hits.append(Hit(items, float(sc), seq))
-        results.append(hits[:top_k])
-    return results
+    return hits_from_generate(trie, sequences, scores, top_k)
 
 
 def build(args, tmp: str):

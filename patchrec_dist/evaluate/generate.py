@@ -368,6 +368,14 @@ def released_protocol_generate(model: nn.Module, embedding: nn.Module, batch: Ba
 
     sequences = out.sequences[:, length:].view(b, num_beams, -1).cpu().tolist()
     scores = out.sequences_scores.view(b, num_beams).float().cpu().tolist()
+    return hits_from_generate(trie, sequences, scores, top_k)
+
+
+def hits_from_generate(trie: TitleTrie, sequences: list[list[list[int]]], scores: list[list[float]],
+                       top_k: int) -> list[list[Hit]]:
+    """Per example, HF generate's returned beams (new tokens, `sequences_scores`) as Hits: cut at
+    the first end-of-text, fillers (not a catalog title, or scored about -1e9) and repeats dropped."""
+    eot = int(trie.eot)
     results = []
     for seqs, scs in zip(sequences, scores):
         hits: list[Hit] = []
