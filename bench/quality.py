@@ -18,6 +18,7 @@ ZeRO-3) with the demo's machinery, so a rerun resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -144,10 +145,10 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"{result['data']}: {result['model']}, {result['steps']} steps, {result['examples']} test users",
                  fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    storage.write_bytes_atomic(str(path), png.getvalue())
 
 
 def print_table(result: dict) -> None:

@@ -98,6 +98,18 @@ def speed_rows(r: dict[str, dict]) -> list[str]:
                         f"(same top-{v['setup']['top_k']}: {v['same_top_k']}) | {eps['kv-cache']:.1f} vs "
                         f"{eps['hf-generate-cached']:.1f} examples/s = {v['speedup_vs_hf_generate_cached']:.2f}x | "
                         f"`{v['command']}` | {_machine(v['machine'])} |")
+    if "exact" in r:
+        x = r["exact"]
+        for row in x["rows"].values():
+            for decoding, key in (("20-beam search (`--decoding beam`)", "agreement"),
+                                  ("the paper's diverse beam groups (`--decoding paper`)", "agreement_paper")):
+                a, d = row[key], row["beam" if key == "agreement" else "paper"]
+                rows.append(f"| {decoding} vs the exact catalog ranking (`--decoding exact`), {row['model']}, "
+                            f"{x['data']}, first {row['examples']} examples | top-20 the same set "
+                            f"{a['top20_same_set']:.0%}, same order {a['top20_same_order']:.0%}, same top-1 "
+                            f"{a['top1_same']:.0%}, overlap {a['top20_overlap']:.0%}; HR@20 {d['metrics']['HR@20']:.3f} "
+                            f"vs {row['exact']['metrics']['HR@20']:.3f}; {d['s_per_example']:.2f} vs "
+                            f"{row['exact']['s_per_example']:.2f} s/example | `{x['command']}` | {_machine(x['machine'])} |")
     return rows
 
 
@@ -153,6 +165,26 @@ def demo_table(r: dict[str, dict]) -> list[str]:
     return out
 
 
+def needle_table(r: dict[str, dict]) -> list[str]:
+    """HR@1 (HR@10) per needle distance k, one row per layout."""
+    n = r.get("needle")
+    if not n:
+        return []
+    t = n["task"]
+    ks = sorted({k for per_k in n["results"].values() for k in per_k}, key=int)
+    out = ["", f"**Needle task** ({n['train_examples']:,} train users, histories of {t['min_history']} to "
+           f"{t['max_history']} items, {t['needles']} needles: chance HR@1 {n['chance']['HR@1']:.3f}): {n['model']}, "
+           f"{n['steps']} fine-tuning steps per layout (micro-batch {n['micro_batch']} x {n['ranks']} ranks, lr "
+           f"{n['lr']}); `{n['command']}` on {_machine(n['machine'])}, {n['total_s'] / 60:.0f} min. HR@1 "
+           "(HR@10) of the target by the needle's distance k. Plot: `bench/results/needle.png`.", "",
+           "| layout | positions fed | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for layout, per_k in n["results"].items():
+        fed = n["overall"][layout]["positions_fed_per_example"]
+        cells = [f"{per_k[k]['HR@1']:.2f} ({per_k[k]['HR@10']:.2f})" if k in per_k else "-" for k in ks]
+        out.append(f"| {layout} | {fed:.0f} | " + " | ".join(cells) + " |")
+    return out
+
+
 def render(results: dict[str, dict]) -> str:
     lines = [BEGIN, "", "Each row is one run of its command; ratios come from the same run. Full numbers: "
              "`bench/results/*.json`.", "",
@@ -160,7 +192,7 @@ def render(results: dict[str, dict]) -> str:
     if "patching" in results and positions_table(results["patching"]):
         lines += ["", "History positions fed per test example (100-item window, Llama-3.2 tokens), equal to the "
                   "paper's data as reference.md lists them:", "", *positions_table(results["patching"])]
-    q = quality_tables(results) + demo_table(results)
+    q = quality_tables(results) + needle_table(results) + demo_table(results)
     if q:
         lines += ["", "### Recommendation quality", *q]
     lines += ["", END]

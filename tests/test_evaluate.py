@@ -83,6 +83,43 @@ def test_exclude_seen_closes_every_seen_title(trained_run, learnable_dataset, tm
     assert metrics["exclude_seen"] is True and metrics["metrics"]["HR@20"] == 0.0
 
 
+def test_exact_decoding_ranks_the_whole_catalog(trained_run, learnable_dataset, tmp_path):
+    """--decoding exact on the 20-title catalog, against 20 beams (which cover every title there, so
+    beam search is exhaustive): the same titles in the same order with the same scores. A memory
+    cap the catalog does not fit in is refused with exit 2 and the size it would take."""
+    beam, exact = tmp_path / "beam", tmp_path / "exact"
+    common = ["--run", str(trained_run), "--data", learnable_dataset, "--max-examples", "8"]
+    code, log = evaluate(*common, "--output", str(beam))
+    assert code == 0, log[-3000:]
+    code, log = evaluate(*common, "--output", str(exact), "--decoding", "exact")
+    assert code == 0, log[-3000:]
+    metrics = json.loads((exact / "metrics.json").read_text())
+    assert metrics["decoding"] == "exact" and metrics["beams"] is None
+    assert metrics["metrics"] == json.loads((beam / "metrics.json").read_text())["metrics"]
+    for a, b in zip(*(map(json.loads, (d / "predictions.jsonl").read_text().splitlines()) for d in (exact, beam))):
+        assert [t["title"] for t in a["top"]] == [t["title"] for t in b["top"]]
+        assert [t["score"] for t in a["top"]] == pytest.approx([t["score"] for t in b["top"]], abs=1e-4)
+    code, log = evaluate(*common, "--output", str(tmp_path / "cap"), "--decoding", "exact",
+                         "--exact-memory-gb", "1e-6")
+    assert code == 2 and "--decoding exact: scoring all 20 titles" in log and "the limit is" in log, log[-2000:]
+    assert not (tmp_path / "cap" / "metrics.json").exists()
+
+
+def test_paper_decoding_runs_the_released_diverse_groups(trained_run, learnable_dataset, tmp_path):
+    out = tmp_path / "paper"
+    common = ["--run", str(trained_run), "--data", learnable_dataset, "--max-examples", "8"]
+    code, log = evaluate(*common, "--output", str(out), "--decoding", "paper", "--scoring", "patchrec-compat")
+    assert code == 0, log[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["decoding"] == "paper" and metrics["diversity_penalty"] == 0.8 and metrics["beams"] == 20
+    assert metrics["metrics"]["HR@20"] >= 0.75, metrics["metrics"]  # the trained model's target is still found
+    for line in (out / "predictions.jsonl").read_text().splitlines():
+        titles = [t["title"] for t in json.loads(line)["top"]]
+        assert 1 < len(titles) <= 20 and len(set(titles)) == len(titles)
+    code, log = evaluate(*common, "--output", str(tmp_path / "masked"), "--decoding", "paper", "--exclude-seen")
+    assert code == 2 and "--decoding paper reproduces the released protocol" in log, log[-2000:]
+
+
 def test_bad_flags_exit_2_with_a_message(learnable_dataset, tmp_path):
     code, out = evaluate("--data", learnable_dataset)
     assert code == 2 and "--run" in out

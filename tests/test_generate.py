@@ -12,6 +12,8 @@ import torch
 from patchrec_dist.evaluate.generate import (
     Hit,
     collate_for_generation,
+    exact_catalog_topk,
+    exact_memory_bytes,
     generate_topk,
     generation_cut,
     generation_features,
@@ -339,3 +341,117 @@ def test_stock_hf_generate_with_the_trie_processor_finds_the_same_top_k(tmp_path
     assert check["same_top_k"] and check["max_score_diff"] < 1e-3, check
     assert result["setup"]["examples"] == 6 and result["speedup_vs_hf_generate_cached"] > 0
 
+
+
+# -- exact catalog ranking -------------------------------------------------------------------------
+@torch.no_grad()
+def plain_title_logprob(env, feature, sequence: list[int]) -> float:
+    """log p(SEQUENCE | prompt) from one forward of prompt + sequence, no cache, plain causal mask."""
+    batch = collate_for_generation([feature], env["tokens"])
+    model = env["model"]
+    ids = torch.cat([batch.input_ids, torch.tensor([sequence[:-1]])], dim=1)
+    embeds = embed_with_patches(model.get_input_embeddings(), ids, batch.patches)
+    logp = torch.log_softmax(model(inputs_embeds=embeds).logits[0].float(), dim=-1)
+    start = batch.input_ids.shape[1] - 1
+    return float(sum(logp[start + i, t] for i, t in enumerate(sequence)))
+
+
+def test_exact_ranking_is_every_titles_log_likelihood(env):
+    """The tree-masked pass over the trie gives each title's log-likelihood as a plain forward of
+    prompt + title does, and ranks them as an exhaustive beam search (beams > titles) does; also in
+    a batch of different prompt lengths and patches, and with chunks smaller than a trie level."""
+    n = env["trie"].num_leaves
+    feats = make_features(env["tokens"], 3, 11, lengths=(3, 25))
+    exact = run(env, feats, method="exact", top_k=n + 3)
+    beam = run(env, feats, num_beams=n + 3, top_k=n + 3)
+    for got, want in zip(exact, beam):
+        assert len(got) == n
+        assert_hits_close(got, want)
+    for hit in exact[1][:3] + exact[1][-2:]:
+        assert hit.score == pytest.approx(plain_title_logprob(env, feats[1], hit.tokens), abs=1e-4)
+    model = env["model"]
+    chunked = exact_catalog_topk(model, model.get_input_embeddings(), collate_for_generation(feats, env["tokens"]),
+                                 env["trie"], top_k=5, chunk_nodes=3)
+    for got, want in zip(chunked, exact):
+        assert_hits_close(got, want[:5], tol=1e-5)
+
+
+def test_exact_ranking_excludes_seen_titles_and_refuses_what_does_not_fit(env):
+    n = env["trie"].num_leaves
+    feats = make_features(env["tokens"], 2, 4)
+    seen = [{5, 6, 7, DUP[0]}, {1}]
+    got = run(env, feats, method="exact", top_k=n, exclude=seen)
+    want = run(env, feats, num_beams=n + 3, top_k=n, exclude=seen)
+    for g, w, ex in zip(got, want, seen):
+        assert_hits_close(g, w)
+        assert all(h.items and not h.items & ex for h in g)
+    model = env["model"]
+    batch = collate_for_generation(feats, env["tokens"])
+    need = exact_memory_bytes(model, env["trie"], 2, batch.input_ids.shape[1])
+    with pytest.raises(ValueError, match=r"scoring all 29 titles .* needs about .* GiB .* the limit is"):
+        exact_catalog_topk(model, model.get_input_embeddings(), batch, env["trie"], max_bytes=need - 1)
+
+
+# -- the paper's decoding (diverse beam groups) ----------------------------------------------------
+@torch.no_grad()
+def diverse_reference(env, feature, groups: int, penalty: float, length_penalty: float = 1.0) -> list[tuple]:
+    """Diverse beam search written out plainly: per step, the groups in order, each re-running the
+    whole prompt + its prefix (no cache); a group's two best trie children after the penalty for
+    tokens earlier groups chose this step; a completed title ranked first joins its one-title pool.
+    Returns (score, tokens) of each distinct title, best first."""
+    trie, model = env["trie"], env["model"]
+    batch = collate_for_generation([feature], env["tokens"])
+    beams = [([], 0.0, True)] * groups
+    pools: list[tuple | None] = [None] * groups
+    for t in range(trie.max_depth):
+        chosen: dict[int, int] = {}
+        for g in range(groups):
+            prefix, sc, alive = beams[g]
+            if not alive:
+                continue
+            ids = torch.cat([batch.input_ids, torch.tensor([prefix], dtype=torch.long).view(1, -1)], dim=1)
+            embeds = embed_with_patches(model.get_input_embeddings(), ids, batch.patches)
+            logp = torch.log_softmax(model(inputs_embeds=embeds).logits[0, -1].float(), dim=-1)
+            cands = sorted(((sc + float(logp[tok]) - penalty * chosen.get(tok, 0), tok) for tok in trie.allowed(prefix)),
+                           key=lambda c: (-c[0], c[1]))[:2]
+            go = cands
+            if trie.leaf_index[trie.node(prefix + [cands[0][1]])] >= 0:
+                norm = cands[0][0] / (t + 1) ** length_penalty
+                if pools[g] is None or norm > pools[g][0]:
+                    pools[g] = (norm, prefix + [cands[0][1]])
+                go = cands[1:]
+            if not go:
+                beams[g] = (prefix, sc, False)
+                continue
+            new_score, tok = go[0]
+            chosen[tok] = chosen.get(tok, 0) + 1
+            done = pools[g] is not None and pools[g][0] >= new_score / (t + 1) ** length_penalty
+            beams[g] = (prefix + [tok], new_score, not done)
+    out, seen = [], set()
+    for norm, seq in sorted((p for p in pools if p is not None), key=lambda p: -p[0]):
+        if tuple(seq) not in seen:
+            seen.add(tuple(seq))
+            out.append((norm, seq))
+    return out
+
+
+@pytest.mark.parametrize("groups,penalty", [(6, 0.8), (4, 3.0)])
+def test_diverse_beam_groups_equal_a_plain_reimplementation(env, groups, penalty):
+    feats = make_features(env["tokens"], 3, 21, lengths=(3, 25))
+    got = run(env, feats, method="paper", num_beams=groups, top_k=groups, length_penalty=1.0,
+              diversity_penalty=penalty)
+    for f, hits in zip(feats, got):
+        want = diverse_reference(env, f, groups, penalty)
+        assert [h.tokens for h in hits] == [seq for _, seq in want]
+        assert [h.score for h in hits] == pytest.approx([sc for sc, _ in want], abs=1e-4)
+
+
+def test_diverse_beam_groups_collapse_without_penalty_and_spread_with_one(env):
+    """Penalty 0: every group follows the first one (greedy), one title. A huge penalty: each group
+    starts with a token no earlier group took while the root still has such children."""
+    feats = make_features(env["tokens"], 2, 5)
+    for hits in run(env, feats, method="paper", num_beams=5, top_k=5, length_penalty=1.0, diversity_penalty=0.0):
+        assert len(hits) == 1
+    first_tokens = len(env["trie"].children(0))
+    for hits in run(env, feats, method="paper", num_beams=5, top_k=5, length_penalty=1.0, diversity_penalty=1e4):
+        assert len({h.tokens[0] for h in hits}) == min(5, first_tokens) == len(hits)

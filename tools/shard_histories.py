@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rating-col", default=None)
     g.add_argument("--items-item-col", default=None, help="table: item id column of the items table (default: --item-col)")
     g.add_argument("--title-col", default="title")
+    g.add_argument("--split-col", default=None,
+                   help="table: a column marking each target row train, val or test (empty: history only); "
+                        "implies --split keep")
     f = p.add_argument_group("filters and split")
     f.add_argument("--min-rating", type=float, default=None)
     f.add_argument("--min-user-interactions", type=int, default=0, help="k-core: users need at least this many")
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: drop repeated (user, item, time) rows; first: keep only a user's first interaction with an item")
     f.add_argument("--drop-unknown-items", action="store_true", help="drop (and count) interactions with items missing from the items table")
     f.add_argument("--split", choices=("global-time", "leave-one-out", "keep"), default=None,
-                   help="default: keep for patchrec, global-time otherwise")
+                   help="default: keep for patchrec and with --split-col, global-time otherwise")
     f.add_argument("--split-fractions", default="0.96,0.02,0.02", help="global-time: train,val,test fractions of all interactions")
     o = p.add_argument_group("output")
     o.add_argument("--shard-size", default="2000", help="users per shard (2000) or a byte size (64MB)")
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"shard_histories: error: --split-fractions {args.split_fractions!r}: three numbers, e.g. 0.96,0.02,0.02", file=sys.stderr)
         return 2
+    if args.split_col and args.split not in (None, "keep"):
+        print(f"shard_histories: error: --split-col {args.split_col} is the log's own split; it needs --split keep, "
+              f"not --split {args.split}", file=sys.stderr)
+        return 2
     for flag in ("min_user_interactions", "min_item_interactions", "workers"):
         if getattr(args, flag) < 0:
             print(f"shard_histories: error: --{flag.replace('_', '-')} must be >= 0", file=sys.stderr)
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ShardOptions(
         output=args.output, storage_options=storage_options, min_rating=args.min_rating,
         min_user_interactions=args.min_user_interactions, min_item_interactions=args.min_item_interactions,
-        dedupe=args.dedupe, split=args.split or ("keep" if args.format == "patchrec" else "global-time"),
+        dedupe=args.dedupe, split=args.split or ("keep" if args.format == "patchrec" or args.split_col else "global-time"),
         split_fractions=fractions, shard_size=args.shard_size, workers=max(1, args.workers),
         overwrite=args.overwrite, drop_unknown_items=args.drop_unknown_items, progress=not args.no_progress,
     )
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         log = read_log(args.format, args.input, encoding=args.encoding, title_field=args.title_field,
                        trust_pickle=args.trust_pickle, items=args.items, user_col=args.user_col,
                        item_col=args.item_col, time_col=args.time_col, rating_col=args.rating_col,
-                       items_item_col=args.items_item_col, title_col=args.title_col,
+                       items_item_col=args.items_item_col, title_col=args.title_col, split_col=args.split_col,
                        storage_options=storage_options)
         source = {"format": args.format, "input": args.input, "options": options_summary(opts)}
         manifest = shard_log(log, opts, source)

@@ -29,7 +29,7 @@ class InputError(ValueError):
 class RawLog:
     interactions: pl.DataFrame  # user, item_key (Int64 or str), time: Int64 (nullable), rating: Float64 (optional), row: UInt32
     items: pl.DataFrame  # item_key (Int64 or str), title: str, extras...
-    splits: pl.DataFrame | None = None  # user, {train,val,test}_{start,end}: kept ranges (format patchrec)
+    splits: pl.DataFrame | None = None  # user, {train,val,test}_{start,end}: kept ranges (patchrec, table --split-col)
     has_timestamps: bool = True
     sources: dict[str, str] | None = None  # role -> file path, for messages
     prompt: dict[str, str] | None = None  # the data set's own prompt (patchrec's prompt.txt)
@@ -368,21 +368,58 @@ def _read_table_file(path: str, encoding: str, storage_options=None) -> pl.DataF
 
 def read_table(path: str, items_path: str | None, user_col: str, item_col: str, time_col: str,
                rating_col: str | None, items_item_col: str | None, title_col: str, encoding: str,
-               storage_options=None) -> RawLog:
-    """CSV / TSV / Parquet / JSONL interactions plus an items table."""
+               storage_options=None, split_col: str | None = None) -> RawLog:
+    """CSV / TSV / Parquet / JSONL interactions plus an items table. SPLIT_COL names a column that
+    marks each target row train, val or test (empty: history only): the log's own split."""
     if not items_path:
         raise InputError("--items: the table format needs an items table with ids and titles")
     di = _read_table_file(path, encoding, storage_options)
-    needed = [user_col, item_col, time_col] + ([rating_col] if rating_col else [])
-    _require_columns(di, needed, path, "--user-col/--item-col/--time-col/--rating-col")
+    needed = [user_col, item_col, time_col] + ([rating_col] if rating_col else []) + ([split_col] if split_col else [])
+    _require_columns(di, needed, path, "--user-col/--item-col/--time-col/--rating-col/--split-col")
     interactions = _interactions(path, di[user_col], di[item_col], di[time_col],
                                  di[rating_col] if rating_col else None, user_col, item_col, time_col,
                                  rating_col or "")
+    splits = _split_column_ranges(interactions, di[split_col], path, split_col) if split_col else None
     dt = _read_table_file(items_path, encoding, storage_options)
     key_col = items_item_col or item_col
     _require_columns(dt, [key_col, title_col], items_path, "--items-item-col/--title-col")
     items = _items(items_path, dt[key_col], dt[title_col], dt.drop([key_col, title_col]), key_col, title_col)
-    return RawLog(interactions, items, sources={"interactions": path, "items": items_path})
+    return RawLog(interactions, items, splits=splits, sources={"interactions": path, "items": items_path})
+
+
+_SPLIT_NAMES = ("train", "val", "test")
+
+
+def _split_column_ranges(interactions: pl.DataFrame, labels: pl.Series, path: str, column: str) -> pl.DataFrame:
+    """Per user, the [start, end] target positions of each split that LABELS mark, as positions in
+    the order the histories are built (user, then time; ties keep input order). A split's rows of
+    one user must be consecutive in that order, as the shards store one range per split."""
+    text = labels.cast(pl.Utf8).str.strip_chars()
+    text = text.set(text == "", None)
+    bad = text.is_not_null() & ~text.is_in(list(_SPLIT_NAMES))
+    if bad.any():
+        row = _first_bad_row(bad)
+        raise InputError(f"{path}: row {row}, column '{column}': split {labels[row - 1]!r} is not one of "
+                         f"train, val, test (or empty for a history-only row)")
+    ordered = (interactions.select("user", "time", "row").with_columns(split=text)
+               .sort(["user", "time"], maintain_order=True)
+               .with_columns(pos=pl.int_range(pl.len()).over("user")))
+    marked = ordered.filter(pl.col("split").is_not_null())
+    ranges = marked.group_by(["user", "split"]).agg(start=pl.col("pos").min(), end=pl.col("pos").max(),
+                                                    n=pl.len(), row=pl.col("row").min())
+    gaps = ranges.filter(pl.col("end") - pl.col("start") + 1 != pl.col("n")).sort("row")
+    if gaps.height:
+        g = gaps.row(0, named=True)
+        raise InputError(f"{path}: user {g['user']!r}: its {g['split']!r} rows (column '{column}') are not consecutive "
+                         "in time order; each split of a user must be one run of targets")
+    users = ordered.select(pl.col("user").unique(maintain_order=True))
+    out = users
+    for split in _SPLIT_NAMES:
+        part = ranges.filter(pl.col("split") == split).select(
+            "user", pl.col("start").alias(f"{split}_start"), pl.col("end").alias(f"{split}_end"))
+        out = out.join(part, on="user", how="left", maintain_order="left")
+    return out.with_columns(pl.col("user").cast(pl.Utf8), *[pl.col(f"{s}_{b}").cast(pl.Int64)
+                                                            for s in _SPLIT_NAMES for b in ("start", "end")])
 
 
 FORMATS = ("recbole", "movielens", "patchrec", "table")
@@ -391,7 +428,7 @@ FORMATS = ("recbole", "movielens", "patchrec", "table")
 def read_log(fmt: str, input_path: str, *, encoding: str | None = None, title_field: str | None = None,
              trust_pickle: bool = False, items: str | None = None, user_col: str = "user_id",
              item_col: str = "item_id", time_col: str = "timestamp", rating_col: str | None = None,
-             items_item_col: str | None = None, title_col: str = "title",
+             items_item_col: str | None = None, title_col: str = "title", split_col: str | None = None,
              storage_options: dict[str, Any] | None = None) -> RawLog:
     """Read INPUT_PATH in format FMT (one of FORMATS)."""
     if fmt == "recbole":
@@ -402,5 +439,7 @@ def read_log(fmt: str, input_path: str, *, encoding: str | None = None, title_fi
         return read_patchrec(input_path, trust_pickle, encoding or "utf-8", storage_options)
     if fmt == "table":
         return read_table(input_path, items, user_col, item_col, time_col, rating_col, items_item_col,
-                          title_col, encoding or "utf-8", storage_options)
+                          title_col, encoding or "utf-8", storage_options, split_col)
+    if split_col:
+        raise InputError(f"--split-col: only the table format reads a split column (this is --format {fmt})")
     raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")

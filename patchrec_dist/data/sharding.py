@@ -118,6 +118,9 @@ def clean_interactions(log: RawLog, opts: ShardOptions, report: dict[str, Any]) 
                 f"{inter_file}: row {row}: item {str(inter_keys[first])!r} is not in the items table "
                 f"({unknown} such interactions; --drop-unknown-items drops them)"
             )
+        if opts.split == "keep":
+            raise InputError(f"{inter_file}: {unknown} interactions with items missing from the items table; "
+                             "--split keep keeps the input's own target ranges, which dropping them would shift")
         report["dropped_unknown_items"] = unknown
     inter = inter.select("user", "time", "row").with_columns(item=pl.Series(dense, dtype=pl.Int32))
     if unknown:
@@ -233,7 +236,8 @@ def build_histories(inter: pl.DataFrame, log: RawLog, opts: ShardOptions) -> Use
 
 def _kept_ranges(user_keys: np.ndarray, log: RawLog) -> np.ndarray:
     if log.splits is None:
-        raise InputError("--split keep: this input format has no target ranges of its own; use global-time or leave-one-out")
+        raise InputError("--split keep: this input has no target ranges of its own (the patchrec format has them; a "
+                         "table gets them from --split-col); use global-time or leave-one-out")
     users = pl.DataFrame({"user": pl.Series(user_keys.tolist(), dtype=pl.Utf8)}).with_row_index("uidx")
     joined = users.join(log.splits.with_columns(pl.col("user").cast(pl.Utf8)), on="user", how="left").sort("uidx")
     out = np.full((len(user_keys), 3, 2), -1, dtype=np.int64)

@@ -19,6 +19,12 @@ What it models, all with vectorised numpy (no Python loop per interaction or per
 
 `write_log(interactions, items, folder, fmt)` writes the log in the formats the sharding tool reads, and
 `write_items_title_file(items, path)` writes the paper's `id||title` file.
+
+`generate_needle_log(spec)` is a controlled task instead of a realistic log: each user's one target is
+set by a single "needle" item k positions before it (through a fixed random needle -> target map), the
+rest of the history is Zipf filler. Only a model that reads item k can beat chance, so it measures what
+a prompt layout keeps of old items (bench/needle.py) and catches a patch path that loses them.
+`write_needle_log` writes it as a table with its own split column (`--split-col split`).
 """
 
 from __future__ import annotations
@@ -33,11 +39,14 @@ import polars as pl
 __all__ = [
     "FORMATS",
     "GENRES",
+    "NeedleSpec",
     "SyntheticSpec",
     "generate_log",
+    "generate_needle_log",
     "history_lengths",
     "write_items_title_file",
     "write_log",
+    "write_needle_log",
 ]
 
 
@@ -412,3 +421,106 @@ def write_items_title_file(items: pl.DataFrame, path: str | os.PathLike) -> str:
     lines = items.select(pl.concat_str([pl.col("item").cast(pl.Utf8), pl.col("title")], separator="||").alias("l"))
     _write_text(lines, path, "\x1f", header=False)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the needle task
+
+
+@dataclass
+class NeedleSpec:
+    users: int = 2000
+    min_history: int = 50  # history items before the target (at least the largest distance)
+    max_history: int = 2000  # lengths are log-uniform in [max(min_history, k), max_history]
+    distances: tuple[int, ...] = (3, 10, 30, 100, 300)  # k: the needle is the k-th item before the target
+    needles: int = 32  # needle items, each mapped to its own target item
+    fillers: int = 500  # the items of the rest of a history (Zipf)
+    zipf_a: float = 1.1
+    # Needle titles start with a word no other title has: finding the needle is then easy, and the
+    # task measures what a layout keeps of its identity (the rest of its title)
+    needle_marker: str | None = "Beacon"
+    val_users: float = 0.05  # shares of users whose target is a val / test example; the rest train
+    test_users: float = 0.15
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.distances or min(self.distances) < 1:
+            raise ValueError(f"distances must be positive integers; got {self.distances}")
+        if self.users < 1 or self.needles < 1 or self.fillers < 1:
+            raise ValueError("users, needles and fillers must be >= 1")
+        if self.max_history < max(self.distances) or self.min_history < 1 or self.min_history > self.max_history:
+            raise ValueError(f"need 1 <= min_history <= max_history and max_history >= the largest distance "
+                             f"({max(self.distances)}); got {self.min_history}, {self.max_history}")
+        if not 0 <= self.val_users + self.test_users < 1:
+            raise ValueError("val_users + test_users must be in [0, 1)")
+
+
+NEEDLE_ROLES = ("filler", "needle", "target")
+
+
+def generate_needle_log(spec: NeedleSpec) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(interactions, items, users) of the needle task; deterministic for a given spec.
+
+    interactions: user, item, timestamp (a minute apart, so time order is history order) and split:
+    null on history rows, train / val / test on each user's last row, the target. items: item,
+    title (distinct), role (filler, needle or target; ids do not reveal it). users: user, split, k,
+    history (items before the target), needle, target."""
+    spec.check()
+    rng = np.random.default_rng(spec.seed)
+    n_items = spec.fillers + 2 * spec.needles
+    ids = rng.permutation(n_items).astype(np.int64) + 1
+    fillers, needles = ids[:spec.fillers], ids[spec.fillers:spec.fillers + spec.needles]
+    target_of = ids[spec.fillers + spec.needles:]  # needle j -> target_of[j]
+    role = np.empty(n_items + 1, dtype=np.int64)
+    role[fillers], role[needles], role[target_of] = 0, 1, 2
+    titles = _distinct_titles(n_items, rng)
+    if spec.needle_marker:
+        titles = pl.Series("title", [f"{spec.needle_marker} {t}" if r == 1 else t
+                                     for t, r in zip(titles.to_list(), role[1:])], dtype=pl.Utf8)
+    items = pl.DataFrame({"item": np.arange(1, n_items + 1, dtype=np.int64),
+                          "title": titles,
+                          "role": pl.Series([NEEDLE_ROLES[r] for r in role[1:]], dtype=pl.Utf8)})
+
+    u = spec.users
+    k = rng.choice(np.asarray(spec.distances, dtype=np.int64), size=u)
+    lo = np.maximum(spec.min_history, k).astype(np.float64)
+    length = np.floor(np.exp(np.log(lo) + rng.random(u) * (np.log(spec.max_history + 1) - np.log(lo))))
+    length = np.clip(length, lo, spec.max_history).astype(np.int64)  # history items before the target
+    which = rng.integers(0, spec.needles, size=u)
+    rows = length + 1
+    offsets = np.concatenate([[0], np.cumsum(rows)])
+    item = _zipf_items(int(rows.sum()), spec.fillers, spec.zipf_a, rng)
+    item = fillers[item - 1]  # Zipf ranks over the filler pool
+    item[offsets[:-1] + length - k] = needles[which]
+    item[offsets[1:] - 1] = target_of[which]
+    n_test = int(round(spec.test_users * u))
+    n_val = int(round(spec.val_users * u))
+    split = np.array(["train"] * u, dtype=object)
+    perm = rng.permutation(u)
+    split[perm[:n_test]], split[perm[n_test:n_test + n_val]] = "test", "val"
+
+    user_of_row = np.repeat(np.arange(1, u + 1, dtype=np.int64), rows)
+    position = np.arange(len(item), dtype=np.int64) - np.repeat(offsets[:-1], rows)
+    row_split = np.full(len(item), None, dtype=object)
+    row_split[offsets[1:] - 1] = split
+    interactions = pl.DataFrame({
+        "user": pl.Series(user_of_row), "item": pl.Series(item),
+        "timestamp": pl.Series(1_000_000_000 + 60 * position + 86_400 * user_of_row),
+        "split": pl.Series(row_split.tolist(), dtype=pl.Utf8),
+    })
+    users = pl.DataFrame({"user": np.arange(1, u + 1, dtype=np.int64), "split": pl.Series(split.tolist(), dtype=pl.Utf8),
+                          "k": k, "history": length, "needle": needles[which], "target": target_of[which]})
+    return interactions, items, users
+
+
+def write_needle_log(spec: NeedleSpec, folder: str | os.PathLike) -> dict[str, str]:
+    """interactions.parquet, items.parquet and users.parquet (the task's answers) under FOLDER.
+
+    Shard it with: tools/shard_histories.py --format table --input FOLDER/interactions.parquet
+    --items FOLDER/items.parquet --user-col user --item-col item --split-col split"""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    paths = {name: os.path.join(folder, f"{name}.parquet") for name in ("interactions", "items", "users")}
+    for name, frame in zip(paths, generate_needle_log(spec)):
+        frame.write_parquet(paths[name])
+    return paths

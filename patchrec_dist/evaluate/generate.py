@@ -66,6 +66,9 @@ __all__ = [
     "Hit",
     "collate_for_generation",
     "constrained_beam_search",
+    "diverse_beam_search",
+    "exact_catalog_topk",
+    "exact_memory_bytes",
     "generate_topk",
     "generation_cut",
     "generation_features",
@@ -73,7 +76,7 @@ __all__ = [
     "released_protocol_generate",
 ]
 
-METHODS = ("kv-cache", "released-reference")
+METHODS = ("kv-cache", "released-reference", "exact", "paper")
 
 
 class Hit(NamedTuple):
@@ -277,17 +280,240 @@ def constrained_beam_search(model: nn.Module, embedding: nn.Module, batch: Batch
         del out
 
     nodes, scores = pool_node.cpu().numpy(), pool_score.cpu().numpy()
-    hits = [_hits(trie, nodes[i], scores[i], top_k) for i in range(b)]
-    if exclude is not None:  # a shared title stands for its items the example has not seen
-        hits = [[h._replace(items=h.items - frozenset(int(i) for i in seen)) for h in row]
-                for row, seen in zip(hits, exclude)]
-    return hits
+    return _without_seen([_hits(trie, nodes[i], scores[i], top_k) for i in range(b)], exclude)
+
+
+def _without_seen(hits: list[list[Hit]], exclude: Sequence[Iterable[int]] | None) -> list[list[Hit]]:
+    """A shared title stands for its items the example has not seen."""
+    if exclude is None:
+        return hits
+    return [[h._replace(items=h.items - frozenset(int(i) for i in seen)) for h in row]
+            for row, seen in zip(hits, exclude)]
 
 
 def _closed_keys(trie: TitleTrie, exclude: Sequence[Iterable[int]], device: torch.device) -> torch.Tensor:
     """example * nodes + node for every node an example's beams may not enter (sorted)."""
     keys = [e * trie.num_nodes + trie.excluded_nodes(items) for e, items in enumerate(exclude)]
     return torch.from_numpy(np.concatenate(keys) if keys else np.zeros(0, np.int64)).to(device)
+
+
+# -- the paper's decoding: diverse beam groups -------------------------------------------------------
+@torch.no_grad()
+def diverse_beam_search(model: nn.Module, embedding: nn.Module, batch: Batch, trie: TitleTrie, *, groups: int = 20,
+                        diversity_penalty: float = 0.8, top_k: int = 20, length_penalty: float = 1.0,
+                        max_new_tokens: int | None = None) -> list[list[Hit]]:
+    """The released protocol's decoding with a KV cache: diverse beam search (Vijayakumar et al.;
+    transformers 4.x group beam search, which transformers 5 no longer ships) with GROUPS groups
+    of one beam each, over the title trie. Per example, up to TOP_K distinct titles, best first.
+
+    At every step the groups choose in order; group g's log-probabilities (log-softmax over the
+    whole vocabulary, then the trie) lose DIVERSITY_PENALTY for every earlier group of the same
+    example that chose the same token at this step (Hamming diversity), and those penalised
+    scores are what a beam sums. Of a group's two best candidates, a completed title joins the
+    group's one-title pool (scored sum / generated length ** LENGTH_PENALTY) if it ranks first,
+    and the best unfinished one goes on; a group is done when its pool holds a title its running
+    beam can no longer beat (HF's heuristic at early_stopping=False). The result is every group's
+    title, sorted by score; two groups that end on the same title count once.
+
+    The groups' beams are rows of one batch: one prefill, one forward per step for every group."""
+    if groups < 1 or top_k < 1:
+        raise ValueError(f"groups and top_k must be >= 1, got {groups}, {top_k}")
+    ids, mask = _inputs(model, batch, trie)
+    device = ids.device
+    b = ids.shape[0]
+    max_new = trie.max_depth if max_new_tokens is None else int(max_new_tokens)
+    tt = trie.tensors(device)
+    from transformers import DynamicCache
+
+    embeds = embed_with_patches(embedding, ids, batch.patches)
+    prompt_len = mask.long().sum(-1)
+    cache = DynamicCache(config=model.config)
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp_min(0),
+                cache=cache, use_cache=True, logits_to_keep=1)
+    logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    del out, embeds
+    rows = torch.arange(b, device=device).repeat_interleave(groups)  # row = example * groups + group
+    cache.reorder_cache(rows)
+    logp = logp[rows]
+    r = b * groups
+    node = torch.full((r,), ROOT, dtype=torch.long, device=device)
+    score = torch.zeros(r, device=device)
+    running = torch.ones(r, dtype=torch.bool, device=device)  # not done, and with a live beam
+    pool_score = torch.full((r,), -torch.inf, device=device)
+    pool_node = torch.full((r,), -1, dtype=torch.long, device=device)
+    vocab = logp.shape[1]
+    ones = torch.ones((1, 1), dtype=mask.dtype, device=device)
+    for t in range(max_new):
+        chosen = torch.zeros((b, vocab), device=device)  # tokens the earlier groups chose at this step
+        next_tok = torch.full((r,), int(trie.eot if trie.eot is not None else 0), dtype=torch.long, device=device)
+        for g in range(groups):
+            at = torch.arange(b, device=device) * groups + g
+            live = running[at]
+            lo = tt.child_offsets[node[at]]
+            count = torch.where(live, tt.child_offsets[node[at] + 1] - lo, 0)
+            width = max(int(count.max()), 2)  # two candidates, as HF's topk takes 2 x group size
+            col = torch.arange(width, device=device)
+            valid = col[None, :] < count[:, None]
+            edge = (lo[:, None] + col[None, :]).clamp(max=max(tt.child_tokens.numel() - 1, 0))
+            tok, child = tt.child_tokens[edge], tt.child_nodes[edge]
+            ex = torch.arange(b, device=device)[:, None]
+            cand = score[at, None] + logp[at[:, None], tok] - diversity_penalty * chosen[ex, tok]
+            cand = torch.where(valid, cand, -torch.inf)
+            top = torch.topk(cand, 2, dim=1)  # sorted
+            c_tok, c_child = tok.gather(1, top.indices), child.gather(1, top.indices)
+            c_score, c_ok = top.values, valid.gather(1, top.indices)
+            leaf0 = c_ok[:, 0] & tt.is_leaf[c_child[:, 0]]
+            norm = c_score[:, 0] / float(t + 1) ** length_penalty
+            better = leaf0 & (norm > pool_score[at])
+            pool_score[at] = torch.where(better, norm, pool_score[at])
+            pool_node[at] = torch.where(better, c_child[:, 0], pool_node[at])
+            # the beam that goes on: the best unfinished of the two (a node has at most one leaf child)
+            pick = leaf0.long()
+            go_ok = c_ok.gather(1, pick[:, None])[:, 0] & ~tt.is_leaf[c_child.gather(1, pick[:, None])[:, 0]]
+            new_score = c_score.gather(1, pick[:, None])[:, 0]
+            go_tok = c_tok.gather(1, pick[:, None])[:, 0]
+            node[at] = torch.where(live & go_ok, c_child.gather(1, pick[:, None])[:, 0], node[at])
+            score[at] = torch.where(live & go_ok, new_score, score[at])
+            done = ~go_ok | ((pool_node[at] >= 0) & (pool_score[at] >= new_score / float(t + 1) ** length_penalty))
+            running[at] = live & ~done
+            hit = live & go_ok
+            chosen[torch.arange(b, device=device)[hit], go_tok[hit]] += 1.0
+            next_tok[at] = torch.where(hit, go_tok, next_tok[at])
+        if not bool(running.any()) or t + 1 == max_new:
+            break
+        step_mask = torch.cat([mask[rows], ones.expand(r, t + 1)], 1)
+        out = model(input_ids=next_tok[:, None], attention_mask=step_mask, position_ids=(prompt_len[rows] + t)[:, None],
+                    cache=cache, use_cache=True)
+        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        del out
+    return _group_hits(trie, pool_node.view(b, groups), pool_score.view(b, groups), top_k)
+
+
+def _group_hits(trie: TitleTrie, nodes: Tensor, scores: Tensor, top_k: int) -> list[list[Hit]]:
+    """Per example, the groups' titles best first (ties: the earlier group), each title once."""
+    order = torch.argsort(-scores, dim=1, stable=True)
+    nodes, scores = nodes.gather(1, order).cpu().numpy(), scores.gather(1, order).cpu().numpy()
+    out = []
+    for ns, ss in zip(nodes, scores):
+        seen, hits = set(), []
+        for n, sc in zip(ns.tolist(), ss.tolist()):
+            if n >= 0 and n not in seen:
+                seen.add(n)
+                hits.append(Hit(trie.leaf_items_of(n), float(sc), trie.sequence(n)))
+        out.append(hits[:top_k])
+    return out
+
+
+# -- exact catalog ranking ------------------------------------------------------------------------
+def exact_memory_bytes(model: nn.Module, trie: TitleTrie, batch_size: int, prompt_len: int,
+                       chunk_nodes: int = 1024) -> int:
+    """What `exact_catalog_topk` holds at its peak for a batch: the KV cache of the prompts and of
+    every inner trie node, plus one chunk's logits and attention scores."""
+    cfg = model.config
+    layers = int(cfg.num_hidden_layers)
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    elem = next(model.parameters()).element_size()
+    fed = int((np.diff(trie.child_offsets)[1:] > 0).sum())  # inner nodes below the root
+    kv = batch_size * (prompt_len + fed) * layers * 2 * kv_heads * head_dim * elem
+    chunk = min(chunk_nodes, max(fed, 1))
+    logits = batch_size * chunk * int(cfg.vocab_size) * 4 * 2  # float32 logits and their log-softmax
+    scores = batch_size * heads * chunk * (prompt_len + fed) * 4
+    return kv + logits + scores
+
+
+@torch.no_grad()
+def exact_catalog_topk(model: nn.Module, embedding: nn.Module, batch: Batch, trie: TitleTrie, *, top_k: int = 20,
+                       exclude: Sequence[Iterable[int]] | None = None, chunk_nodes: int = 1024,
+                       max_bytes: int | None = None) -> list[list[Hit]]:
+    """Per example of the left-padded generation BATCH: the TOP_K catalog titles of highest
+    log-likelihood given the prompt, exactly (what beam search approximates), as `Hit`s with
+    score = the title's summed log-probability (beam search's score at length_penalty 0).
+
+    The prompts are run once into a KV cache; then every inner node of the trie is fed once, as
+    one token after the prompt at position prompt length + depth - 1, attending to the prompt and
+    to its own ancestors only (a tree-shaped 4D mask), so shared title prefixes are computed once
+    for the whole catalog. Nodes go in preorder (ancestors first) in chunks of CHUNK_NODES.
+    EXCLUDE as in `constrained_beam_search`. MAX_BYTES: refuse (ValueError) a batch whose peak
+    (`exact_memory_bytes`) is larger."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    ids, mask = _inputs(model, batch, trie)
+    device = ids.device
+    b, p = ids.shape
+    need = exact_memory_bytes(model, trie, b, p, chunk_nodes)
+    if max_bytes is not None and need > max_bytes:
+        raise ValueError(
+            f"--decoding exact: scoring all {trie.num_leaves:,} titles ({trie.num_nodes:,} trie nodes) for a batch of "
+            f"{b} prompts of {p} positions needs about {need / 2**30:.1f} GiB (KV cache of the prompts and the trie, "
+            f"one chunk's logits); the limit is {max_bytes / 2**30:.1f} GiB. Use a smaller --batch-size, a larger "
+            "--exact-memory-gb, or beam search (--decoding beam)")
+    from transformers import DynamicCache
+
+    dtype = next(model.parameters()).dtype
+    embeds = embed_with_patches(embedding, ids, batch.patches)
+    prompt_len = mask.long().sum(-1)
+    cache = DynamicCache(config=model.config)
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp_min(0),
+                cache=cache, use_cache=True, logits_to_keep=1)
+    n = trie.num_nodes
+    edge_lp = torch.zeros((b, n), dtype=torch.float32, device=device)  # log p(token of node | its parent)
+
+    def take_children(parents: np.ndarray, logp: Tensor) -> None:
+        """edge_lp of the children of PARENTS (logp: (b, len(parents), V))."""
+        starts = trie.child_offsets[parents]
+        counts = trie.child_offsets[parents + 1] - starts
+        which = np.repeat(np.arange(len(parents)), counts)
+        kids = trie.child_nodes[np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts - starts, counts)]
+        kid_t = torch.from_numpy(kids).to(device)
+        edge_lp[:, kid_t] = logp[:, torch.from_numpy(which).to(device), torch.from_numpy(trie.token[kids]).to(device)]
+
+    take_children(np.array([ROOT]), torch.log_softmax(out.logits[:, -1:].float(), dim=-1))
+    del out, embeds
+    inner = np.flatnonzero(np.diff(trie.child_offsets) > 0)
+    feed = inner[inner != ROOT]  # preorder: every node's ancestors come before it
+    column = np.full(n, -1, dtype=np.int64)
+    column[feed] = p + np.arange(len(feed))
+    # ancestors of each node below the root, deepest first, padded with the root
+    depth_max = trie.max_depth
+    anc = np.zeros((n, depth_max), dtype=np.int64)
+    anc[:, 0] = np.arange(n)
+    for d in range(1, depth_max):
+        anc[:, d] = trie.parent[anc[:, d - 1]]
+    neg = torch.finfo(dtype).min
+    prompt_part = torch.where(mask.bool(), 0.0, neg).to(dtype)[:, None, None, :]  # (b, 1, 1, p)
+    for lo in range(0, len(feed), chunk_nodes):
+        q = feed[lo:lo + chunk_nodes]
+        width = p + lo + len(q)
+        a = anc[q]  # (c, depth_max): the node itself, its parent, ...; the root (prompt) where it runs out
+        cols = column[a]
+        ok = (a != ROOT) & (cols >= 0)
+        tree = torch.zeros((len(q), width - p), dtype=torch.bool)
+        r = np.repeat(np.arange(len(q)), ok.sum(1))
+        tree[torch.from_numpy(r), torch.from_numpy(cols[ok] - p)] = True
+        node_part = torch.where(tree.to(device), 0.0, neg).to(dtype)[None, None].expand(b, 1, -1, -1)
+        full = torch.cat([prompt_part.expand(b, 1, len(q), p), node_part], dim=-1)
+        tok = torch.from_numpy(trie.token[q]).to(device)[None].expand(b, -1)
+        pos = prompt_len[:, None] + torch.from_numpy(trie.depth[q] - 1).to(device)[None]
+        out = model(input_ids=tok, attention_mask=full, position_ids=pos, cache=cache, use_cache=True)
+        take_children(q, torch.log_softmax(out.logits.float(), dim=-1))
+        del out
+    # a title's log-likelihood: the sum of its path's edges, computed depth by depth
+    score = edge_lp
+    for d in range(2, depth_max + 1):
+        at = np.flatnonzero(trie.depth == d)
+        score[:, torch.from_numpy(at).to(device)] += score[:, torch.from_numpy(trie.parent[at]).to(device)]
+    leaves = torch.from_numpy(trie.leaf_nodes).to(device)
+    leaf_score = score[:, leaves]
+    if exclude is not None:
+        for e, items in enumerate(exclude):
+            closed = np.isin(trie.leaf_nodes, trie.excluded_nodes(items))
+            leaf_score[e, torch.from_numpy(closed).to(device)] = -torch.inf
+    order = torch.argsort(-leaf_score, dim=1, stable=True)[:, :top_k].cpu().numpy()  # ties: trie order
+    top_scores = leaf_score.gather(1, torch.from_numpy(order).to(device)).cpu().numpy()
+    return _without_seen([_hits(trie, np.where(np.isfinite(top_scores[i]), trie.leaf_nodes[order[i]], -1),
+                                top_scores[i], top_k) for i in range(b)], exclude)
 
 
 # -- the released protocol (slow reference) ------------------------------------------------------
@@ -397,14 +623,27 @@ def hits_from_generate(trie: TitleTrie, sequences: list[list[list[int]]], scores
 def generate_topk(model: nn.Module, embedding: nn.Module, batch: Batch, trie: TitleTrie, *, num_beams: int = 20,
                   top_k: int = 20, max_new_tokens: int | None = None, length_penalty: float = 0.0,
                   early_stopping: bool | str = "never", method: str = "kv-cache",
-                  exclude: Sequence[Iterable[int]] | None = None) -> list[list[Hit]]:
+                  exclude: Sequence[Iterable[int]] | None = None, max_bytes: int | None = None,
+                  diversity_penalty: float = 0.8) -> list[list[Hit]]:
     """The evaluation entry: top-K catalog titles per example of a left-padded generation batch
     (see `collate_for_generation`), each a `Hit` (items, score, tokens), best first.
 
     ``method="kv-cache"`` (default) is `constrained_beam_search`; ``"released-reference"`` runs the
-    slow `released_protocol_generate` (same results, for comparisons)."""
+    slow `released_protocol_generate` (same results, for comparisons); ``"exact"`` ranks the whole
+    catalog by log-likelihood (`exact_catalog_topk`; NUM_BEAMS and the length rules do not apply;
+    MAX_BYTES caps its memory); ``"paper"`` is the released protocol's `diverse_beam_search`
+    (NUM_BEAMS groups of one beam, DIVERSITY_PENALTY; the released code ran it at HF's
+    length_penalty 1)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "paper":
+        if exclude is not None:
+            raise ValueError("exclude is not supported by the paper's decoding (the released protocol masks nothing)")
+        return diverse_beam_search(model, embedding, batch, trie, groups=num_beams, top_k=top_k,
+                                   diversity_penalty=diversity_penalty, length_penalty=length_penalty,
+                                   max_new_tokens=max_new_tokens)
+    if method == "exact":
+        return exact_catalog_topk(model, embedding, batch, trie, top_k=top_k, exclude=exclude, max_bytes=max_bytes)
     if method != "kv-cache":
         if exclude is not None:
             raise ValueError("exclude is only supported by the kv-cache beam search")

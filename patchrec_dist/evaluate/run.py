@@ -48,6 +48,13 @@ class EvalConfig:
     split: str = flag("test", "split to evaluate", choices=("train", "val", "test"))
     max_examples: int | None = flag(None, "only the first N examples of the split (a fixed subset)")
     top_k: int = flag(20, "titles returned per example")
+    decoding: str = flag("beam", "beam (constrained beam search over the title trie), exact (every catalog title's "
+                       "log-likelihood: the exact top-K that beam search approximates) or paper (the released "
+                       "protocol's diverse beam search: --beams groups of one beam, --diversity-penalty, length "
+                       "penalty 1)", choices=("beam", "exact", "paper"))
+    diversity_penalty: float = flag(0.8, "paper: Hamming diversity penalty between beam groups")
+    exact_memory_gb: float | None = flag(None, "exact: refuse a batch that needs more than this (default: half the "
+                                             "device's memory)")
     beams: int = flag(20, "beam width")
     batch_size: int = flag(8, "examples per generation batch on each rank")
     scoring: str = flag("strict", "strict or patchrec-compat (the released prefix rule)",
@@ -74,7 +81,11 @@ class EvalConfig:
         for name in ("top_k", "beams", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.beams < self.top_k:
+        if self.exact_memory_gb is not None and self.exact_memory_gb <= 0:
+            raise ValueError("--exact-memory-gb must be > 0")
+        if self.decoding == "paper" and self.exclude_seen:
+            raise ValueError("--decoding paper reproduces the released protocol, which masks nothing: drop --exclude-seen")
+        if self.decoding != "exact" and self.beams < self.top_k:
             raise ValueError(f"--beams ({self.beams}) must be >= --top-k ({self.top_k})")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError("--max-examples must be >= 1")
@@ -108,6 +119,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                               max_examples=cfg.max_examples, keep_seen=cfg.exclude_seen)
     loader = StreamLoader(manifest, stream_cfg, rank, world, transform=Patcher(tokens, spec),
                           collate_fn=GenerationCollator(tokens))
+    decoding = decoding_options(cfg, device)
     preds: list[tuple[int, Prediction, list[list[int]], tuple[int, int, int]]] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(loader) * world * cfg.batch_size, unit="ex", disable=rank != 0, desc=f"evaluating {cfg.split}")
@@ -115,7 +127,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         for batch in loader:
             exclude = [set(s.tolist()) for s in batch.seen] if cfg.exclude_seen else None
             results = generate_topk(model, model.get_input_embeddings(), batch.to(device), trie,
-                                    num_beams=cfg.beams, top_k=cfg.top_k, exclude=exclude)
+                                    num_beams=cfg.beams, top_k=cfg.top_k, exclude=exclude, **decoding)
             for i, res in enumerate(results):
                 if batch.indices[i] < 0 or batch.pads[i]:
                     continue
@@ -141,7 +153,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "metrics": metrics, "split": cfg.split, "examples": len(ordered), "scoring": cfg.scoring,
             "model": model_dir if storage.is_local(model_source) else model_source,  # a URL, not its copy
             "run": cfg.run, "data": cfg.data, "layout": asdict(spec),
-            "top_k": cfg.top_k, "beams": cfg.beams, "ranks": world, "exclude_seen": cfg.exclude_seen,
+            "top_k": cfg.top_k, "decoding": cfg.decoding, "beams": None if cfg.decoding == "exact" else cfg.beams,
+            **({"diversity_penalty": cfg.diversity_penalty} if cfg.decoding == "paper" else {}),
+            "ranks": world, "exclude_seen": cfg.exclude_seen,
             "examples_per_s": round(len(ordered) / max(seconds, 1e-9), 2),
             # what the prompts cost: history positions under this layout, the same histories as
             # all text, and the whole generation prompt (system, instruction, markers included)
@@ -155,6 +169,23 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if world > 1:
         dist.barrier()
     return result
+
+
+def decoding_options(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
+    """generate_topk's keywords for --decoding: beam search, or the exact ranking with its memory cap."""
+    if cfg.decoding == "beam":
+        return {"method": "kv-cache"}
+    if cfg.decoding == "paper":
+        return {"method": "paper", "length_penalty": 1.0, "diversity_penalty": cfg.diversity_penalty}
+    if cfg.exact_memory_gb is not None:
+        limit = cfg.exact_memory_gb * 2**30
+    elif device.type == "cuda":
+        limit = 0.5 * torch.cuda.get_device_properties(device).total_memory
+    else:
+        import psutil
+
+        limit = 0.5 * psutil.virtual_memory().available
+    return {"method": "exact", "max_bytes": int(limit)}
 
 
 def _model_folder(cfg: EvalConfig, source: str) -> str:
