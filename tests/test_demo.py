@@ -128,3 +128,39 @@ def test_quality_bench_writes_json_and_plot(tiny_model_folder, tmp_path):
     assert (results / "quality-ml-100k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([*cmd[:2], "--layouts", "text(7)"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--layouts" in bad.stderr
+
+
+def test_needle_bench_writes_hr_per_distance_and_plot(tmp_path):
+    results = tmp_path / "results"
+    cmd = [sys.executable, "bench/needle.py", "--users", "200", "--min-history", "20", "--max-history", "40",
+           "--distances", "3,30", "--steps", "3", "--layouts", "text(20),pft-s(5)", "--test-users", "0.1",
+           "--work", str(tmp_path / "work"), "--results", str(results)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    n = json.loads((results / "needle.json").read_text())
+    assert list(n["results"]) == ["text(20)", "pft-s(5)"] and n["chance"]["HR@1"] == 0.125
+    for per_k in n["results"].values():
+        assert set(per_k) == {"3", "30"}
+        assert sum(v["examples"] for v in per_k.values()) == 20  # every test user, once
+        assert all(set(v) == {"HR@1", "HR@10", "examples", "positions_fed"} for v in per_k.values())
+    assert n["overall"]["pft-s(5)"]["positions_fed_per_example"] < n["overall"]["text(20)"]["positions_fed_per_example"]
+    assert (results / "needle.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "HR@1 by needle distance k" in proc.stdout
+    bad = subprocess.run([*cmd[:2], "--distances", "3,500", "--max-history", "100"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "largest distance" in bad.stderr
+
+
+def test_exact_bench_compares_three_decodings(tmp_path):
+    results = tmp_path / "results"
+    cmd = [sys.executable, "bench/exact.py", "--models", "tiny", "--examples", "3", "--tiny-steps", "2",
+           "--work", str(tmp_path / "work"), "--results", str(results)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads((results / "exact.json").read_text())["rows"]["tiny"]
+    assert row["examples"] == 3 and set(row["agreement"]) == set(row["agreement_paper"])
+    assert all(0 <= v <= 1 for v in row["agreement"].values())
+    assert all(row[d]["s_per_example"] > 0 and "HR@20" in row[d]["metrics"] for d in ("beam", "paper", "exact"))
+    for decoding in ("beam", "paper", "exact"):
+        m = json.loads((tmp_path / "work" / "runs" / "ft-tiny" / f"eval-{decoding}" / "metrics.json").read_text())
+        assert m["decoding"] == decoding and m["examples"] == 3
