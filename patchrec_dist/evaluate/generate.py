@@ -171,6 +171,18 @@ def _hits(trie: TitleTrie, nodes: np.ndarray, scores: np.ndarray, top_k: int) ->
     return out
 
 
+def _prefill(model: nn.Module, embedding: nn.Module, ids: Tensor, mask: Tensor, batch: Batch) -> tuple[Any, Tensor, Tensor]:
+    """(KV cache, log-probabilities of the first answer token (b, V), prompt lengths): the one
+    embedding call with the patches and the one prompt forward every decoding starts with."""
+    from transformers import DynamicCache
+
+    embeds = embed_with_patches(embedding, ids, batch.patches)
+    cache = DynamicCache(config=model.config)
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp_min(0),
+                cache=cache, use_cache=True, logits_to_keep=1)
+    return cache, torch.log_softmax(out.logits[:, -1].float(), dim=-1), mask.long().sum(-1)
+
+
 # -- the KV-cache beam search ---------------------------------------------------------------------
 @torch.no_grad()
 def constrained_beam_search(model: nn.Module, embedding: nn.Module, batch: Batch, trie: TitleTrie, *,
@@ -194,16 +206,7 @@ def constrained_beam_search(model: nn.Module, embedding: nn.Module, batch: Batch
     nb = num_beams
     max_new = trie.max_depth if max_new_tokens is None else int(max_new_tokens)
     tt = trie.tensors(device)
-    from transformers import DynamicCache
-
-    embeds = embed_with_patches(embedding, ids, batch.patches)
-    position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    prompt_len = mask.long().sum(-1)
-    cache = DynamicCache(config=model.config)
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=cache,
-                use_cache=True, logits_to_keep=1)
-    logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-    del out, embeds
+    cache, logp, prompt_len = _prefill(model, embedding, ids, mask, batch)
 
     # live beams, one row each (rows of an example are contiguous only by accident; `ex` says whose)
     node = torch.full((b,), ROOT, dtype=torch.long, device=device)
@@ -323,15 +326,7 @@ def diverse_beam_search(model: nn.Module, embedding: nn.Module, batch: Batch, tr
     b = ids.shape[0]
     max_new = trie.max_depth if max_new_tokens is None else int(max_new_tokens)
     tt = trie.tensors(device)
-    from transformers import DynamicCache
-
-    embeds = embed_with_patches(embedding, ids, batch.patches)
-    prompt_len = mask.long().sum(-1)
-    cache = DynamicCache(config=model.config)
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp_min(0),
-                cache=cache, use_cache=True, logits_to_keep=1)
-    logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-    del out, embeds
+    cache, logp, prompt_len = _prefill(model, embedding, ids, mask, batch)
     rows = torch.arange(b, device=device).repeat_interleave(groups)  # row = example * groups + group
     cache.reorder_cache(rows)
     logp = logp[rows]
@@ -368,11 +363,11 @@ def diverse_beam_search(model: nn.Module, embedding: nn.Module, batch: Batch, tr
             pool_score[at] = torch.where(better, norm, pool_score[at])
             pool_node[at] = torch.where(better, c_child[:, 0], pool_node[at])
             # the beam that goes on: the best unfinished of the two (a node has at most one leaf child)
-            pick = leaf0.long()
-            go_ok = c_ok.gather(1, pick[:, None])[:, 0] & ~tt.is_leaf[c_child.gather(1, pick[:, None])[:, 0]]
-            new_score = c_score.gather(1, pick[:, None])[:, 0]
-            go_tok = c_tok.gather(1, pick[:, None])[:, 0]
-            node[at] = torch.where(live & go_ok, c_child.gather(1, pick[:, None])[:, 0], node[at])
+            pick = leaf0.long()[:, None]
+            go_child, go_tok = c_child.gather(1, pick)[:, 0], c_tok.gather(1, pick)[:, 0]
+            go_ok = c_ok.gather(1, pick)[:, 0] & ~tt.is_leaf[go_child]
+            new_score = c_score.gather(1, pick)[:, 0]
+            node[at] = torch.where(live & go_ok, go_child, node[at])
             score[at] = torch.where(live & go_ok, new_score, score[at])
             done = ~go_ok | ((pool_node[at] >= 0) & (pool_score[at] >= new_score / float(t + 1) ** length_penalty))
             running[at] = live & ~done
@@ -449,14 +444,8 @@ def exact_catalog_topk(model: nn.Module, embedding: nn.Module, batch: Batch, tri
             f"{b} prompts of {p} positions needs about {need / 2**30:.1f} GiB (KV cache of the prompts and the trie, "
             f"one chunk's logits); the limit is {max_bytes / 2**30:.1f} GiB. Use a smaller --batch-size, a larger "
             "--exact-memory-gb, or beam search (--decoding beam)")
-    from transformers import DynamicCache
-
     dtype = next(model.parameters()).dtype
-    embeds = embed_with_patches(embedding, ids, batch.patches)
-    prompt_len = mask.long().sum(-1)
-    cache = DynamicCache(config=model.config)
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp_min(0),
-                cache=cache, use_cache=True, logits_to_keep=1)
+    cache, root_logp, prompt_len = _prefill(model, embedding, ids, mask, batch)
     n = trie.num_nodes
     edge_lp = torch.zeros((b, n), dtype=torch.float32, device=device)  # log p(token of node | its parent)
 
@@ -469,8 +458,7 @@ def exact_catalog_topk(model: nn.Module, embedding: nn.Module, batch: Batch, tri
         kid_t = torch.from_numpy(kids).to(device)
         edge_lp[:, kid_t] = logp[:, torch.from_numpy(which).to(device), torch.from_numpy(trie.token[kids]).to(device)]
 
-    take_children(np.array([ROOT]), torch.log_softmax(out.logits[:, -1:].float(), dim=-1))
-    del out, embeds
+    take_children(np.array([ROOT]), root_logp[:, None])
     inner = np.flatnonzero(np.diff(trie.child_offsets) > 0)
     feed = inner[inner != ROOT]  # preorder: every node's ancestors come before it
     column = np.full(n, -1, dtype=np.int64)
