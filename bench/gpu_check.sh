@@ -138,7 +138,7 @@ PYEOF
 fi
 
 # 2. the train step on the GPU (bf16 is the CUDA default)
-run train-step 240 $PY bench/train_step.py --models smollm2,llama1b --steps 12 --micro-batch 8 --compare-precision \
+run train-step 240 $PY bench/train_step.py --models smollm2,llama1b --steps 6 --micro-batches 8 --packing on,off --compare-precision \
   --out "$RESULTS/train_step-gpu.json"
 
 # 3. quality on ml-1m at the budget that fits the rest of the 12 minutes; the paper's files are

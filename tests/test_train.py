@@ -320,26 +320,43 @@ def test_tensorboard_on_s3_survives_a_sigkill_at_the_commit(learnable_dataset, r
     assert all(abs(a[s] - v) <= 1e-5 for s, v in scalars["train/loss"])
 
 
-def test_grad_accum_equals_one_micro_batch_of_the_combined_size(learnable_dataset, tmp_path):
-    """--grad-accum 2 --micro-batch 2 against --grad-accum 1 --micro-batch 4 in the real trainer (one
-    process, fp32): the same examples per step, so the token-weighted loss and the gradient (its norm,
-    before clipping) of every step agree."""
-    def one_process(out: Path, micro: int, accum: int) -> dict[str, dict[int, float]]:
-        proc = subprocess.run(
-            [sys.executable, FINETUNE, *flags(learnable_dataset, out, max_steps=3, micro_batch=micro, grad_accum=accum,
-                                              save_every=0, num_workers=0, log_examples="false")],
-            cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, capture_output=True,
-            text=True, timeout=150)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        scalars = read_scalars(str(out / "tb"))
-        return {name: dict(scalars[name]) for name in ("train/loss", "train/grad_norm", "train/label_tokens")}
+def one_process_run(data: str, out: Path, **over) -> dict[str, dict[int, float]]:
+    """The real trainer in one process (fp32, ZeRO-3, 3 steps): loss, gradient norm (before clipping)
+    and label tokens per step."""
+    proc = subprocess.run(
+        [sys.executable, FINETUNE, *flags(data, out, **{"max_steps": 3, "save_every": 0, "num_workers": 0,
+                                                        "log_examples": "false", **over})],
+        cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(str(out / "tb"))
+    return {name: dict(scalars[name]) for name in ("train/loss", "train/grad_norm", "train/label_tokens",
+                                                   "train/padding_frac")}
 
-    big, accumulated = one_process(tmp_path / "big", 4, 1), one_process(tmp_path / "accum", 2, 2)
-    assert big["train/label_tokens"] == accumulated["train/label_tokens"]  # the same examples each step
+
+def assert_same_steps(a: dict[str, dict[int, float]], b: dict[str, dict[int, float]]) -> None:
+    assert a["train/label_tokens"] == b["train/label_tokens"]  # the same examples each step
     for name in ("train/loss", "train/grad_norm"):
-        assert sorted(big[name]) == [1, 2, 3]
-        for step, value in big[name].items():
-            assert abs(accumulated[name][step] - value) <= 1e-5 * max(1.0, abs(value)), (name, step)
+        assert sorted(a[name]) == [1, 2, 3]
+        for step, value in a[name].items():
+            assert abs(b[name][step] - value) <= 1e-5 * max(1.0, abs(value)), (name, step, value, b[name][step])
+
+
+def test_grad_accum_equals_one_micro_batch_of_the_combined_size(learnable_dataset, tmp_path):
+    """--grad-accum 2 --micro-batch 2 against --grad-accum 1 --micro-batch 4 in the real trainer: the
+    same examples per step, so the token-weighted loss and the gradient of every step agree."""
+    assert_same_steps(one_process_run(learnable_dataset, tmp_path / "big", micro_batch=4, grad_accum=1),
+                      one_process_run(learnable_dataset, tmp_path / "accum", micro_batch=2, grad_accum=2))
+
+
+def test_packed_micro_batches_train_like_padded_ones(learnable_dataset, tmp_path):
+    """--packing true (the default: one row per micro-batch, sdpa_varlen) against --packing false
+    (right padding) through DeepSpeed ZeRO-3 with PFT-S patches: every step's loss and gradient norm
+    agree, three optimizer steps on."""
+    padded = one_process_run(learnable_dataset, tmp_path / "padded", packing="false", stage="pft-s")
+    packed = one_process_run(learnable_dataset, tmp_path / "packed", packing="true", stage="pft-s")
+    assert_same_steps(padded, packed)
+    assert min(padded["train/padding_frac"].values()) > 0.05 and max(packed["train/padding_frac"].values()) == 0
 
 
 @pytest.mark.parametrize("ds_config, bf16, tolerance", [

@@ -134,10 +134,12 @@ def build_model(cfg: Any, tokenizer: Any, ds_config: dict[str, Any], work_dir: s
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    from patchrec_dist.model.packed_attention import attention_for_training
+
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None  # must outlive model creation
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    attn = {"attn_implementation": cfg.attn_implementation}
+    attn = {"attn_implementation": attention_for_training(cfg.attn_implementation, cfg.packing)}
     torch.manual_seed(cfg.seed)
     if cfg.init:
         model = AutoModelForCausalLM.from_pretrained(run_export_dir(cfg.init), dtype=dtype, **attn)

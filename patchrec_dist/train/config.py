@@ -64,6 +64,8 @@ class TrainConfig:
     attn_implementation: str = flag("sdpa", "attention kernel: sdpa, flash_attention_2 (needs flash-attn) or eager",
                                   choices=ATTN_IMPLEMENTATIONS)
     grad_checkpointing: bool = flag(False, "recompute activations in backward")
+    packing: bool = flag(True, "pack each micro-batch's examples into one row, attention kept within each "
+                         "example (no padded position computed; the same loss and gradients as padding)")
     # the prompt layout: --stage, --group-size, --item-len, ... (patching/layouts.py: LayoutSpec)
     layout: LayoutSpec = section(LayoutSpec, "prompt layout")
     ppt_schedule: str = flag("linear", "ppt: p over training (linear, cosine, constant)")
@@ -131,7 +133,7 @@ class TrainConfig:
 # Fields that may differ between an interrupted run and its resumption.
 RESUME_NEUTRAL = {"resume", "universal", "num_workers", "log_every", "log_examples", "output", "save_every", "keep_last",
                   "eval_every", "eval_batches", "dist_timeout_s", "export", "ds_config", "max_steps", "epochs",
-                  "schedule_change", "ds_config_change", "attn_implementation"}
+                  "schedule_change", "ds_config_change", "attn_implementation", "packing"}
 
 
 def check_attn_implementation(name: str) -> None:

@@ -81,12 +81,14 @@ def make_ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
     if opt.get("type", "").lower() in ("adam", "adamw"):
         if "offload_optimizer" in zero:
             pass  # DeepSpeed's CPU Adam, JIT-built with the host compiler, on CPU ranks too (tests run it)
-        elif not torch.cuda.is_available():
-            params["torch_adam"] = True  # DeepSpeed's fused Adam needs CUDA; design.md
         else:
-            # DeepSpeed's FusedAdam is JIT-built with nvcc, which compute nodes often lack; torch's
-            # fused AdamW is one kernel per parameter group too, and ships compiled with torch
-            params.setdefault("torch_adam", True)
+            # DeepSpeed's FusedAdam needs CUDA (design.md) and is JIT-built with nvcc, which compute
+            # nodes often lack; torch's fused AdamW is one kernel per parameter group, ships compiled
+            # with torch, and runs on CPU too (5x torch's per-op AdamW on a 135M-parameter CPU rank)
+            if torch.cuda.is_available():
+                params.setdefault("torch_adam", True)
+            else:
+                params["torch_adam"] = True
             if params["torch_adam"]:
                 params.setdefault("fused", True)
     return ds
@@ -160,6 +162,7 @@ class StepStats:
     data_wait_s: float
     timings: dict[str, float]  # embed_s, forward_s, backward_s, optimizer_s (summed over micro-steps)
     input_tokens: int = 0  # positions the LLM ran on, padding excluded, over all ranks
+    computed_positions: int = 0  # positions the LLM ran on, padding included (packed batches have none)
     ppt_step: int = -1  # the PPT schedule's step the step's layouts were drawn at (-1: not ppt)
 
 
@@ -180,8 +183,7 @@ def forward_loss_sum(engine: Any, batch: Batch, timings: dict[str, float] | None
     inputs_embeds = embed_with_patches(embed, batch.input_ids, batch.patches)
     t1 = time.perf_counter()
     with logits_at(engine.module, batch.answer_positions):
-        out = engine(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask, use_cache=False,
-                     logits_to_keep=0)
+        out = engine(inputs_embeds=inputs_embeds, **batch.model_inputs(), use_cache=False, logits_to_keep=0)
     loss = token_loss_sum(out.logits, batch.labels, batch.answer_positions)
     if timings is not None:
         timings["embed_s"] = timings.get("embed_s", 0.0) + t1 - t0
@@ -199,8 +201,9 @@ def train_step(engine: Any, micro_batches: Iterator[Batch], grad_accum: int, wor
     wait = time.perf_counter() - t0
     local = [sum(b.label_tokens for b in batches), sum(b.num_examples for b in batches),
              sum(b.history_positions for b in batches), sum(b.text_positions for b in batches),
-             sum(b.patches.num_patches for b in batches), sum(b.input_tokens for b in batches)]
-    tokens, examples, hist, text, patches, inputs = all_reduce_sum(local, device)
+             sum(b.patches.num_patches for b in batches), sum(b.input_tokens for b in batches),
+             sum(b.input_ids.numel() for b in batches)]
+    tokens, examples, hist, text, patches, inputs, computed = all_reduce_sum(local, device)
     scale = world * grad_accum / max(1.0, tokens)  # DeepSpeed averages over ranks and micro-steps
     loss_sum, timings = 0.0, {}
     for b in batches:
@@ -216,7 +219,7 @@ def train_step(engine: Any, micro_batches: Iterator[Batch], grad_accum: int, wor
     (total_loss,) = all_reduce_sum([loss_sum], device)
     ppt_step = max((s for b in batches for s in b.ppt_steps), default=-1)
     return StepStats(total_loss / max(1.0, tokens), int(tokens), int(examples), int(hist), int(text), int(patches),
-                     wait, timings, int(inputs), ppt_step)
+                     wait, timings, int(inputs), int(computed), ppt_step)
 
 
 @torch.no_grad()
@@ -310,7 +313,7 @@ class Trainer:
                                ppt_schedule=cfg.ppt_schedule, ppt_p_max=cfg.ppt_p_max,
                                ppt_pair_text=cfg.ppt_pair_text)
         self.loader = StreamLoader(manifest, stream_cfg, self.rank, self.world, transform=self.patcher,
-                                   collate_fn=Collator(self.tokens))
+                                   collate_fn=Collator(self.tokens, packing=cfg.packing))
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * len(self.loader)) // cfg.grad_accum)
         self.patcher.total_steps = self.total_steps
 
@@ -354,7 +357,7 @@ class Trainer:
             # schedule: its total_steps=1 compressed nearly every item)
             patcher = dataclasses.replace(self.patcher, fixed_step=self.step)
             return StreamLoader(manifest, val_cfg, self.rank, self.world, transform=patcher,
-                                collate_fn=Collator(self.tokens))
+                                collate_fn=Collator(self.tokens, packing=cfg.packing))
 
         try:
             make()
@@ -400,6 +403,8 @@ class Trainer:
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/examples_per_s": stats.examples / dt, "train/positions_per_s": stats.history_positions / dt,
                 "train/tokens_per_s": stats.input_tokens / dt,
+                "train/padding_frac": 1.0 - stats.input_tokens / max(1, stats.computed_positions),
+                "train/input_positions": stats.input_tokens,
                 "train/compression": stats.history_positions / max(1, stats.text_positions),
                 "train/patch_fraction": stats.patches / max(1, stats.examples),
                 "train/data_wait_frac": stats.data_wait_s / dt, "train/label_tokens": stats.label_tokens,
