@@ -5,16 +5,31 @@
     python tools/shard_histories.py --format patchrec --trust-pickle --input ../shared/data/patchrec/ml-100k --output data/ml100k
 
 docs/data_format.md describes the output. Exit status: 0 on success, 2 on bad input or flags.
+
+Memory: the log is streamed once into hash buckets of the user on local disk (--staging), and every
+later step holds one bucket or one shard window per process, within --memory-limit (default: half of
+the machine); only one small row per user and per item is held whole. A Parquet, CSV or TSV table is
+read in chunks; the other formats are read whole first, as before. --in-memory is the old path (the
+whole log in memory); both write the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 from patchrec_dist.data import storage
+from patchrec_dist.data.bucketed import (
+    BucketOptions,
+    parse_size,
+    shard_log_bucketed,
+    source_from_rawlog,
+    source_from_table,
+    streams_table,
+)
 from patchrec_dist.data.manifest import DataSetError
 from patchrec_dist.data.readers import FORMATS, InputError, read_log
 from patchrec_dist.data.sharding import (
@@ -60,9 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--split-fractions", default="0.96,0.02,0.02", help="global-time: train,val,test fractions of all interactions")
     o = p.add_argument_group("output")
     o.add_argument("--shard-size", default="2000", help="users per shard (2000) or a byte size (64MB)")
-    o.add_argument("--workers", type=int, default=default_workers(), help="processes writing shards")
+    o.add_argument("--workers", type=int, default=default_workers(), help="processes for the buckets and the shards")
     o.add_argument("--overwrite", action="store_true", help="replace an existing data set at --output")
     o.add_argument("--no-progress", action="store_true")
+    m = p.add_argument_group("memory")
+    m.add_argument("--memory-limit", default=None,
+                   help="working set of the whole run (main process and workers), e.g. 8GB; default: half of "
+                        "the machine's memory (or of its cgroup limit). A user whose history alone does not fit a "
+                        "worker's share (limit / (workers + 1)) is refused, by name")
+    m.add_argument("--buckets", type=int, default=0, help="hash buckets of the user (default 0: from the log's size "
+                                                         "and --memory-limit); the output does not depend on it")
+    m.add_argument("--staging", default=None, help="local folder for the bucket files (default: the system's temp "
+                                                  "folder); removed at the end, success or not")
+    m.add_argument("--in-memory", action="store_true", help="the previous path: the whole log in memory (same output)")
     return p
 
 
@@ -84,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shard_histories: error: --split-col {args.split_col} is the log's own split; it needs --split keep, "
               f"not --split {args.split}", file=sys.stderr)
         return 2
-    for flag in ("min_user_interactions", "min_item_interactions", "workers"):
+    for flag in ("min_user_interactions", "min_item_interactions", "workers", "buckets"):
         if getattr(args, flag) < 0:
             print(f"shard_histories: error: --{flag.replace('_', '-')} must be >= 0", file=sys.stderr)
             return 2
@@ -97,14 +122,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.perf_counter()
     try:
+        bopts = BucketOptions(memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
+                              buckets=args.buckets, staging=args.staging)
+        if args.staging and not os.path.isdir(args.staging):
+            raise InputError(f"--staging {args.staging}: not a folder")
         check_output(opts)  # before reading a possibly huge log
-        log = read_log(args.format, args.input, encoding=args.encoding, title_field=args.title_field,
-                       trust_pickle=args.trust_pickle, items=args.items, user_col=args.user_col,
-                       item_col=args.item_col, time_col=args.time_col, rating_col=args.rating_col,
-                       items_item_col=args.items_item_col, title_col=args.title_col, split_col=args.split_col,
-                       storage_options=storage_options)
         source = {"format": args.format, "input": args.input, "options": options_summary(opts)}
-        manifest = shard_log(log, opts, source)
+        if args.format == "table" and streams_table(args.input) and not args.in_memory:
+            log_source = source_from_table(args.input, args.items, args.user_col, args.item_col, args.time_col,
+                                           args.rating_col, args.items_item_col, args.title_col,
+                                           args.encoding or "utf-8", storage_options, args.split_col)
+            manifest = shard_log_bucketed(log_source, opts, source, bopts)
+        else:
+            log = read_log(args.format, args.input, encoding=args.encoding, title_field=args.title_field,
+                           trust_pickle=args.trust_pickle, items=args.items, user_col=args.user_col,
+                           item_col=args.item_col, time_col=args.time_col, rating_col=args.rating_col,
+                           items_item_col=args.items_item_col, title_col=args.title_col, split_col=args.split_col,
+                           storage_options=storage_options)
+            if args.in_memory:
+                manifest = shard_log(log, opts, source)
+            else:
+                manifest = shard_log_bucketed(source_from_rawlog(log), opts, source, bopts)
     except (InputError, DataSetError, storage.StorageError) as exc:
         print(f"shard_histories: error: {exc}", file=sys.stderr)
         return 2

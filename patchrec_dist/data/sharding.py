@@ -5,7 +5,9 @@ k-core) -> order (stable time order per user) -> split (train/val/test target ra
 shards -> write shards in parallel -> catalog -> manifest last.
 
 Everything between read and write is columnar (polars / numpy over whole columns): a real log has
-10^8 rows. Files of one run carry a generation id, so a new run never overwrites the files an
+10^8 rows. This module's `shard_log` holds the whole log in memory (tools/shard_histories.py
+--in-memory); bucketed.py writes the same bytes in bounded memory from the same pieces
+(`add_sample`, `boundaries_from_lengths`, `examples_from_ranges`, `publish`). Files of one run carry a generation id, so a new run never overwrites the files an
 existing manifest points at; the old generation is removed only after the new manifest is live.
 """
 
@@ -297,8 +299,13 @@ def _time_row_key(times: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def examples_per_user(h: UserHistories) -> np.ndarray:
     """(U, 3) examples each user yields per split (targets at position >= 3 of a history of > 3 items)."""
-    n = h.lengths()[:, None]
-    start, end = h.ranges[:, :, 0], h.ranges[:, :, 1]
+    return examples_from_ranges(h.lengths(), h.ranges)
+
+
+def examples_from_ranges(lengths: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """examples_per_user from the (U,) history lengths and (U, 3, 2) ranges alone (O(users))."""
+    n = np.asarray(lengths)[:, None]
+    start, end = ranges[:, :, 0], ranges[:, :, 1]
     lo = np.maximum(start, MIN_TARGET_POSITION)
     hi = np.minimum(end, n - 1)
     count = np.where((start >= 0) & (n > MIN_TARGET_POSITION), np.maximum(hi - lo + 1, 0), 0)
@@ -322,13 +329,18 @@ def parse_shard_size(text: str) -> tuple[str, int]:
 
 
 def shard_boundaries(h: UserHistories, shard_size: str) -> list[tuple[int, int]]:
+    return boundaries_from_lengths(h.lengths(), h.times is not None, shard_size)
+
+
+def boundaries_from_lengths(lengths: np.ndarray, has_times: bool, shard_size: str) -> list[tuple[int, int]]:
+    """[first, end) user positions of each shard, from the history lengths in data-set order (O(users))."""
     kind, value = parse_shard_size(shard_size)
-    u = h.num_users
+    u = len(lengths)
     if kind == "users":
         starts = np.arange(0, u, value)
     else:
-        per_item = 4 + (8 if h.times is not None else 0)
-        cost = np.cumsum(h.lengths() * per_item + _SAMPLE_OVERHEAD_BYTES)
+        per_item = 4 + (8 if has_times else 0)
+        cost = np.cumsum(np.asarray(lengths) * per_item + _SAMPLE_OVERHEAD_BYTES)
         starts = [0]
         while True:
             base = cost[starts[-1] - 1] if starts[-1] > 0 else 0
@@ -418,15 +430,21 @@ def write_shard(url: str, storage_options: dict[str, Any], first_user: int, user
     with storage.open_url(url, "wb", storage_options) as raw:
         tar = FastTarWriter(raw)
         for i, user in enumerate(user_keys):
-            key = f"{first_user + i:09d}"
             a, b = offsets[i], offsets[i + 1]
-            splits = {split: (None if r[0] < 0 else r) for split, r in zip(SPLITS, bounds[i])}
-            tar.add(f"{key}.json", json.dumps({"user": user, "splits": splits}, separators=(",", ":")).encode())
-            tar.add(f"{key}.items.npy", npy_bytes(items[a:b]))
-            if times is not None:
-                tar.add(f"{key}.times.npy", npy_bytes(times[a:b]))
+            add_sample(tar, first_user + i, user, bounds[i], items[a:b], None if times is None else times[a:b])
         tar.close()
     return tar.size, tar.sha.hexdigest()
+
+
+def add_sample(tar: FastTarWriter, position: int, user: str, bounds: list, items: np.ndarray,
+               times: np.ndarray | None) -> None:
+    """One user's three members (the only place a sample's bytes are made, for both sharding paths)."""
+    key = f"{position:09d}"
+    splits = {split: (None if r[0] < 0 else r) for split, r in zip(SPLITS, bounds)}
+    tar.add(f"{key}.json", json.dumps({"user": user, "splits": splits}, separators=(",", ":")).encode())
+    tar.add(f"{key}.items.npy", npy_bytes(items))
+    if times is not None:
+        tar.add(f"{key}.times.npy", npy_bytes(times))
 
 
 def _write_shard_job(args) -> tuple[int, int, str]:
@@ -468,7 +486,6 @@ def replaced_files(out: str, storage_options: dict[str, Any]) -> set[str]:
 def shard_log(log: RawLog, opts: ShardOptions, source: dict[str, Any]) -> Manifest:
     """Clean, order, split and write LOG as a data set at opts.output; the manifest is written last."""
     out = opts.output.rstrip("/")
-    manifest_url = storage.join(out, MANIFEST_NAME)
     previous = check_output(opts)
 
     report: dict[str, Any] = {}
@@ -481,10 +498,24 @@ def shard_log(log: RawLog, opts: ShardOptions, source: dict[str, Any]) -> Manife
     bounds = shard_boundaries(hist, opts.shard_size)
     report["seconds_prepare"] = round(time.perf_counter() - t0, 3)
 
+    counts = {"users": hist.num_users, "items": items.height, "interactions": int(len(hist.items)),
+              "examples": {s: int(per_user[:, i].sum()) for i, s in enumerate(SPLITS)}}
+    return publish(
+        lambda generation, written: _write_shards(hist, per_user, bounds, out, generation, opts, written),
+        items, counts, hist.times is not None, log.prompt, opts, source, report, previous)
+
+
+def publish(write_shards, items: pl.DataFrame, counts: dict[str, Any], has_timestamps: bool,
+            prompt: dict[str, str] | None, opts: ShardOptions, source: dict[str, Any], report: dict[str, Any],
+            previous: set[str] | None) -> Manifest:
+    """Write shards (WRITE_SHARDS(generation, written) -> [ShardInfo]), the catalog, then the manifest;
+    remove what was written when anything fails, and the replaced data set's files after success."""
+    out = opts.output.rstrip("/")
+    manifest_url = storage.join(out, MANIFEST_NAME)
     generation = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     written: list[str] = []
     try:
-        shards = _write_shards(hist, per_user, bounds, out, generation, opts, written)
+        shards = write_shards(generation, written)
         catalog = _write_catalog(items, out, generation, opts, written)
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
@@ -493,12 +524,11 @@ def shard_log(log: RawLog, opts: ShardOptions, source: dict[str, Any]) -> Manife
             source={**source, "filters": report},
             split={"protocol": opts.split, "fractions": list(opts.split_fractions) if opts.split == "global-time" else None,
                    "min_target_position": MIN_TARGET_POSITION, "ranges": "inclusive target positions [start, end]"},
-            has_timestamps=hist.times is not None,
-            counts={"users": hist.num_users, "items": items.height, "interactions": int(len(hist.items)),
-                    "examples": {s: int(per_user[:, i].sum()) for i, s in enumerate(SPLITS)}},
+            has_timestamps=has_timestamps,
+            counts=counts,
             catalog=catalog,
             shards=shards,
-            prompt=log.prompt,
+            prompt=prompt,
             root=out,
         )
         storage.write_bytes_atomic(manifest_url, manifest.to_json().encode(), opts.storage_options)
