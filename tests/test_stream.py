@@ -205,3 +205,252 @@ def test_max_examples_takes_a_fixed_prefix_of_the_order(small_dataset):
         per_rank.append([e for b in StreamLoader(small_dataset, cfg, rank=rank, world=2) for e in b])
     real = sorted(e.index for part in per_rank for e in part if not e.pad)
     assert real == list(range(30)) and len(per_rank[0]) == len(per_rank[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# a stream that never waits: window prefetch, workers that outlive an epoch, ranged retried reads
+
+
+def _trace(loader, batches: int) -> list[list[tuple]]:
+    """What `batches` batches of LOADER (across epochs, as the trainer reads it) hold."""
+    out: list[list[tuple]] = []
+    while len(out) < batches:
+        for b in loader:
+            out.append([(e.epoch, e.index, e.user, e.position, e.pad, e.batch) for e in b])
+            if len(out) == batches:
+                break
+    return out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world,rank,workers,remainder", [(1, 0, 0, "drop"), (2, 1, 2, "pad"), (3, 2, 1, "drop")])
+def test_prefetch_gives_the_examples_of_reading_in_line(small_dataset, world, rank, workers, remainder):
+    """Reading the next window on a thread changes nothing: same examples, same order, same batch
+    numbers, over two epochs (window_shards=1: a window boundary every few batches)."""
+    def trace(prefetch: bool) -> list[list[tuple]]:
+        cfg = StreamConfig(split="train", batch_size=8, num_workers=workers, window_shards=1, seed=11,
+                           remainder=remainder, prefetch=prefetch)
+        loader = StreamLoader(small_dataset, cfg, rank=rank, world=world)
+        n = 2 * len(loader)
+        try:
+            return _trace(loader, n)
+        finally:
+            loader.close()
+
+    reference = trace(prefetch=False)
+    assert trace(prefetch=True) == reference
+    assert {b[0][0] for b in reference} == {0, 1}
+
+
+@pytest.mark.timeout(60)
+def test_prefetch_reads_at_most_one_window_ahead_and_stops(small_dataset, monkeypatch):
+    import threading
+    import time
+
+    from patchrec_dist.data import stream
+
+    m = load_manifest(small_dataset)
+    cfg = StreamConfig(split="train", batch_size=4, num_workers=0, window_shards=1, seed=2)
+    plan = plan_epoch(m, cfg, 0, 1, 1)
+    loads: list[int] = []
+    real_load = stream.load_window
+    monkeypatch.setattr(stream, "load_window", lambda *a, **k: loads.append(a[3]) or real_load(*a, **k))
+    examples = stream.iter_examples(m, plan, cfg, [((0, plan.total), False)])
+    visited: list[int] = []
+    for ex in examples:
+        w = int(np.searchsorted(plan.window_starts, ex.index, side="right") - 1)
+        if not visited or visited[-1] != w:
+            visited.append(w)
+            time.sleep(0.2)  # a slow consumer: the thread gets every chance to run further ahead
+        assert len(loads) <= len(visited) + 1  # the window in use and the next one, never more
+        if len(visited) == 4:
+            break
+    assert loads[:4] == visited  # loaded in the order they are used
+    examples.close()
+    assert not [t for t in threading.enumerate() if t.name == "patchrec-window-prefetch"]
+
+
+class StepProbe:
+    """A transform like the Patcher's PPT path: the global micro-batch index of its example is
+    micro_step_offset (set by the trainer for the epoch's batch 0) + the example's batch number."""
+
+    def __init__(self) -> None:
+        self.micro_step_offset = 0
+
+    def __call__(self, ex):
+        import os
+
+        return ex.epoch, ex.index, self.micro_step_offset + ex.batch, os.getpid()
+
+
+def _source(loader, probe, counters, batches):
+    from patchrec_dist.train.trainer import micro_batch_source
+
+    source = micro_batch_source(loader, probe, counters)
+    out = [next(source) for _ in range(batches)]
+    source.close()  # as the trainer does when it ends: the workers go now
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_workers_outlive_epochs_and_resume_stays_exact(small_dataset):
+    """Persistent workers (the same processes for three epochs) give what a fresh DataLoader per
+    epoch gives, PPT's global micro-batch index included; a mid-epoch resume in epoch 1 continues
+    the same sequence."""
+    cfg = StreamConfig(split="train", batch_size=16, num_workers=2, window_shards=1, seed=4)
+
+    def run(persistent: bool, batches: int, state=None, counters=None):
+        loader = StreamLoader(small_dataset, cfg, rank=0, world=1, transform=StepProbe(),
+                              persistent_workers=persistent)
+        if state is not None:
+            loader.load_state_dict(state)
+        counters = counters or {"micro_before_epoch": 0}
+        return loader, counters, _source(loader, loader.transform, counters, batches)
+
+    per_epoch = len(StreamLoader(small_dataset, cfg, rank=0, world=1))
+    n = 3 * per_epoch
+    loader, _, fresh = run(False, n)
+    _, _, kept = run(True, n)
+    strip = [[x[:3] for x in b] for b in kept]
+    assert strip == [[x[:3] for x in b] for b in fresh]
+    assert all({x[2] for x in b} == {j} for j, b in enumerate(kept))  # the global micro-batch index
+    assert [b[0][0] for b in kept[::per_epoch]] == [0, 1, 2]
+    pids = [{x[3] for b in kept[e * per_epoch:(e + 1) * per_epoch] for x in b} for e in range(3)]
+    assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 2  # the same two workers all along
+    fresh_pids = [{x[3] for b in fresh[e * per_epoch:(e + 1) * per_epoch] for x in b} for e in range(3)]
+    assert len(set.union(*fresh_pids)) == 6  # (the check can tell: per-epoch loaders fork anew)
+
+    stop = per_epoch + 7  # mid-epoch 1
+    first, counters, head = run(True, stop)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["epoch"] == 1 and state["batches_done"] == 7
+    # the trainer re-anchors the schedule on resume: step * grad_accum - batches_done
+    _, _, tail = run(True, n - stop, state, {"micro_before_epoch": stop - state["batches_done"]})
+    assert [[x[:3] for x in b] for b in head + tail] == strip
+
+
+@pytest.mark.timeout(60)
+def test_missing_shard_is_named_from_the_prefetch_thread(small_dataset, tmp_path):
+    """A shard that disappeared fails the stream at once, naming it, from a worker's prefetch thread too."""
+    import shutil
+    import time
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_dataset, copy)
+    m = load_manifest(str(copy))
+    (copy / m.shards[5].path).unlink()
+    for workers in (0, 2):
+        cfg = StreamConfig(split="train", batch_size=4, num_workers=workers, window_shards=1, shuffle=False)
+        t0 = time.time()
+        with pytest.raises(DataSetError, match=f"{m.shards[5].path}: shard listed in the manifest is missing"):
+            for _ in StreamLoader(str(copy), cfg, rank=0, world=1):
+                pass
+        assert time.time() - t0 < 20
+
+
+def _upload(fs, local: str, bucket: str, name: str) -> str:
+    import os
+
+    for dirpath, _, files in os.walk(local):
+        for f in files:
+            rel = os.path.relpath(os.path.join(dirpath, f), local)
+            fs.put_file(os.path.join(dirpath, f), f"{bucket}/{name}/{rel}")
+    return f"s3://{bucket}/{name}"
+
+
+def test_transient_and_permanent_storage_errors():
+    """What a ranged read retries: resets, timeouts, 5xx/throttling (s3fs's EBUSY, EREMOTEIO, EIO),
+    botocore's and aiohttp's connection errors; never a missing object, a denial or a 4xx."""
+    import errno
+
+    import aiohttp
+    from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
+
+    from patchrec_dist.data.storage import is_transient
+
+    retried = [ConnectionResetError(104, "reset"), OSError(errno.EBUSY, "SlowDown"), OSError(errno.EIO, "?"),
+               TimeoutError("t"), ConnectionClosedError(endpoint_url="u"), ReadTimeoutError(endpoint_url="u"),
+               aiohttp.ClientPayloadError("p"), aiohttp.ServerDisconnectedError()]
+    final = [FileNotFoundError("f"), PermissionError("p"), OSError(errno.EINVAL, "416 InvalidRange"), ValueError("v"),
+             ClientError({"Error": {"Code": "X"}}, "GetObject")]
+    assert [is_transient(e) for e in retried] == [True] * len(retried)
+    assert [is_transient(e) for e in final] == [False] * len(final)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.s3
+@pytest.mark.parametrize("error", ["reset", "botocore"])
+def test_s3_transient_errors_are_retried_per_range(small_dataset, s3_env, monkeypatch, error):
+    """Faults injected into the real s3fs (moto behind it): the failed ranges are read again, the
+    stream gives what local disk gives."""
+    import s3fs
+    from botocore.exceptions import ConnectionClosedError
+
+    from patchrec_dist.data import storage
+
+    url = _upload(s3_env["fs"], small_dataset, s3_env["bucket"], f"ds-{error}")
+    monkeypatch.setattr(storage, "RANGE_BYTES", 16 << 10)  # several ranges per shard
+    monkeypatch.setattr(storage, "READ_BACKOFF_S", 0.01)
+    calls: list[tuple[str, int]] = []
+    real = s3fs.S3FileSystem._cat_file
+
+    async def flaky(self, path, *args, start=None, **kwargs):
+        calls.append((path, start))
+        if "/shards/" in path and start == 16 << 10 and len([c for c in calls if c == (path, start)]) <= 2:
+            raise ConnectionResetError(104, "Connection reset by peer") if error == "reset" else \
+                ConnectionClosedError(endpoint_url=s3_env["endpoint"])
+        return await real(self, path, *args, start=start, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", flaky)
+    cfg = StreamConfig(split="train", batch_size=4, num_workers=0, remainder="pad")
+    from_s3 = [[(e.user, e.position) for e in b] for b in StreamLoader(url, cfg, rank=0, world=1)]
+    from_disk = [[(e.user, e.position) for e in b] for b in StreamLoader(small_dataset, cfg, rank=0, world=1)]
+    assert from_s3 == from_disk
+    shard = [c for c in calls if c[0].endswith(load_manifest(small_dataset).shards[0].path)]
+    assert shard.count((shard[0][0], 16 << 10)) == 3  # the failing range: twice failed, then read
+    assert shard.count((shard[0][0], 0)) == 1  # the others once
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.s3
+def test_s3_missing_shard_fails_fast_and_named(small_dataset, s3_env):
+    import time
+
+    url = _upload(s3_env["fs"], small_dataset, s3_env["bucket"], "gone")
+    m = load_manifest(small_dataset)
+    s3_env["fs"].rm(f"{s3_env['bucket']}/gone/{m.shards[0].path}")
+    cfg = StreamConfig(split="train", batch_size=4, num_workers=0, shuffle=False)
+    t0 = time.time()
+    with pytest.raises(DataSetError, match=f"{url}/{m.shards[0].path}: shard listed in the manifest is missing"):
+        next(iter(StreamLoader(url, cfg, rank=0, world=1)))
+    assert time.time() - t0 < 5  # not retried
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(150)
+def test_trainer_ppt_schedule_runs_on_across_epochs_with_persistent_workers(tmp_path):
+    """The real trainer, 2 persistent workers, 4-batch epochs, 12 steps: PPT's p at every step is
+    the schedule's (a worker's Patcher copy that kept its epoch-0 offset would restart it every
+    epoch: 0, .08, .17, .25, 0, ...)."""
+    from patchrec_dist.data.synthetic import NeedleSpec, write_needle_log
+    from patchrec_dist.monitor.tensorboard import read_scalars
+    from patchrec_dist.patching.layouts import ppt_probability
+    from tools.shard_histories import main as shard_main
+
+    raw = write_needle_log(NeedleSpec(users=40, min_history=20, max_history=20, distances=(3, 10), val_users=0.1,
+                                      test_users=0.1), tmp_path / "raw")
+    data = str(tmp_path / "ds")
+    assert shard_main(["--format", "table", "--input", raw["interactions"], "--items", raw["items"], "--user-col",
+                       "user", "--item-col", "item", "--time-col", "timestamp", "--split-col", "split", "--output",
+                       data, "--shard-size", "4", "--workers", "1", "--no-progress"]) == 0
+    run = tmp_path / "run"
+    cmd = [sys.executable, "launchers/finetune.py", "--data", data, "--model", "tiny", "--stage", "ppt",
+           "--ppt-schedule", "linear", "--max-steps", "12", "--micro-batch", "4", "--num-workers", "2",
+           "--window-shards", "1", "--output", str(run), "--export", "false", "--save-every", "0", "--lr", "1e-3"]
+    import os
+
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = dict(read_scalars(str(run / "tb"))["train/ppt_p"])
+    assert got == pytest.approx({s: ppt_probability(s - 1, 12) for s in range(1, 13)}, abs=1e-6)

@@ -7,10 +7,12 @@ something goes through one atomic helper.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import posixpath
+import random
 import shutil
 import time
 import uuid
@@ -96,6 +98,98 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     fs, path = filesystem_for(url, storage_options)
     return with_retries(lambda: fs.cat_file(path), f"reading {url}")
+
+
+# Ranged reads (read_ranged): the block size of one request, and the retry budget of each block.
+# Module constants so a test (or a slow store) can change them.
+RANGE_BYTES = 8 << 20
+READ_ATTEMPTS = 5
+READ_BACKOFF_S = 0.25  # first wait; doubled per attempt, with +-50 % jitter (many workers retry at once)
+
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Transient errors that are no OSError: botocore's connection/timeout family and aiohttp's, which
+# s3fs lets through once its own retries are spent (matched by name: neither package is imported here).
+_TRANSIENT_NAMES = {("botocore", "HTTPClientError"), ("botocore", "ResponseParserError"),
+                    ("aiohttp", "ClientConnectionError"), ("aiohttp", "ClientPayloadError"),
+                    ("http", "IncompleteRead")}
+
+
+# errnos of answers a retry cannot change (s3fs maps a 4xx answer to these: 416 -> EINVAL, ...)
+_PERMANENT_ERRNOS = {errno.EINVAL, errno.EPERM, errno.EACCES, errno.ENOSYS, errno.ENOENT, errno.EEXIST,
+                     errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EROFS}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error may go away on a retry: connection resets, timeouts, throttling and
+    5xx answers (s3fs raises OSError with EBUSY / EREMOTEIO / EIO for those), botocore/aiohttp
+    connection errors. A missing object, a refused permission, a bad request (4xx) is permanent."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno not in _PERMANENT_ERRNOS
+    return any((c.__module__.split(".")[0], c.__name__) in _TRANSIENT_NAMES for c in type(exc).__mro__)
+
+
+def read_ranged(url: str, size: int | None = None, storage_options: dict[str, Any] | None = None,
+                block: int | None = None) -> bytes:
+    """The bytes of URL, expected to be SIZE long (a manifest's count; None asks the store).
+
+    A remote object is read in ranged requests of `block` bytes (RANGE_BYTES), issued together
+    (s3fs runs them concurrently); a range that fails with a transient error is retried on its
+    own, with exponential backoff, up to READ_ATTEMPTS times, so one reset connection costs one
+    block, not the shard. A missing object raises FileNotFoundError at once, without retries.
+    The last range asks for one byte past SIZE: an object longer than expected comes back longer
+    (and fails the caller's size check) instead of silently cut. Local files: one read.
+    """
+    fs, path = filesystem_for(url, storage_options)
+    if is_local(url):
+        return with_retries(lambda: fs.cat_file(path), f"reading {url}")
+    if size is None:
+        size = _retrying(lambda: fs.size(path), f"reading {url}")
+    if size <= 0:
+        return _retrying(lambda: fs.cat_file(path), f"reading {url}")
+    block = max(1, block or RANGE_BYTES)
+    starts = list(range(0, size, block))
+    ends = [s + block for s in starts]
+    ends[-1] = size + 1  # never a range that starts at the end (S3 answers 416 to those)
+    parts: list[Any] = [None] * len(starts)
+    for attempt in range(READ_ATTEMPTS):
+        todo = [i for i, p in enumerate(parts) if not isinstance(p, bytes)]
+        try:
+            got = fs.cat_ranges([path] * len(todo), [starts[i] for i in todo], [ends[i] for i in todo],
+                                on_error="return")
+        except Exception as exc:  # noqa: BLE001 - the whole call failed: every range gets its error
+            got = [exc] * len(todo)
+        for i, part in zip(todo, got):
+            parts[i] = part
+        errors = [(i, p) for i, p in enumerate(parts) if not isinstance(p, bytes)]
+        if not errors:
+            return b"".join(parts)
+        for i, err in errors:
+            if not is_transient(err):
+                if isinstance(err, FileNotFoundError):
+                    raise FileNotFoundError(f"{url}: no such object") from err
+                raise StorageError(f"reading {url} bytes {starts[i]}-{ends[i]}: {type(err).__name__}: {err}") \
+                    from err
+        if attempt < READ_ATTEMPTS - 1:
+            time.sleep(READ_BACKOFF_S * 2**attempt * random.uniform(0.5, 1.5))
+    i, err = errors[0]
+    raise StorageError(f"reading {url} bytes {starts[i]}-{ends[i]}: still failing after {READ_ATTEMPTS} attempts: "
+                       f"{type(err).__name__}: {err}") from err
+
+
+def _retrying(fn: Callable[[], T], what: str) -> T:
+    """fn() retried on transient errors (is_transient) with read_ranged's budget and backoff."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if attempt == READ_ATTEMPTS - 1:
+                raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            time.sleep(READ_BACKOFF_S * 2**attempt * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
 
 
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
@@ -242,10 +336,12 @@ __all__ = [
     "filesystem_for",
     "fsspec",
     "is_local",
+    "is_transient",
     "join",
     "list_files",
     "open_url",
     "read_bytes",
+    "read_ranged",
     "remove",
     "staging_root",
     "with_retries",

@@ -12,6 +12,12 @@ function of K alone: the checkpointed state is (epoch, work, K), the same on eve
 with the same world size and workers continues exactly; with other sizes, the unconsumed part of
 the work becomes the new work: nothing lost, nothing repeated.
 
+Reading never makes the consumer wait: each reader loads the next window on a thread while the
+current one is consumed (Prefetcher, one window ahead), the DataLoader workers live across epochs
+(StreamLoader keeps one DataLoader pass; HistoryStream iterates the epochs itself), and remote
+shards come in ranged requests retried one range at a time (storage.read_ranged). None of this
+changes the order or the checkpointed position.
+
 Stages (each usable alone): plan_epoch -> slot_intervals -> load_window -> expand_example.
 """
 
@@ -20,7 +26,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import queue
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +64,9 @@ class StreamConfig:
     verify_checksums: bool = True
     max_examples: int | None = None  # only the first N examples of the epoch's order (evaluation subsets)
     keep_seen: bool = False  # Example.seen: the whole history before the target (for --exclude-seen)
+    # read and decode the next window on a thread while this one is consumed (memory: two windows);
+    # the examples and their order are the same either way
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -215,9 +226,14 @@ def read_shard(manifest: Manifest, index: int, verify: bool = True,
     info = manifest.shards[index]
     url = manifest.shard_url(index)
     try:
-        data = storage.read_bytes(url, storage_options)
+        # ranged reads, each retried on transient errors; a missing shard fails at once
+        data = storage.read_ranged(url, info.bytes, storage_options)
     except FileNotFoundError:
         raise DataSetError(f"{url}: shard listed in the manifest is missing") from None
+    except storage.StorageError:
+        raise  # its message names the URL
+    except Exception as exc:  # what a store may raise besides OSError: still name the shard
+        raise DataSetError(f"{url}: reading the shard failed: {type(exc).__name__}: {exc}") from exc
     if verify:
         verify_blob(data, url, info.bytes, info.sha256)
     records = decode_shard(data, url)
@@ -276,21 +292,125 @@ def expand_example(window: Window, local: int, cfg: StreamConfig, index: int, ep
     )
 
 
-def iter_examples(manifest: Manifest, plan: EpochPlan, cfg: StreamConfig,
-                  intervals: list[tuple[Interval, bool]], storage_options=None) -> Iterator[Example]:
-    """Examples of the given global intervals, loading one window at a time."""
-    window: Window | None = None
+@dataclass
+class _Visit:
+    """One stay of a reader in one window: the runs [start, stop) of the global order it takes from
+    there, in order. `first` is the reader's position (examples) in its epoch sequence at the visit's
+    first example; `batch_base` counts the loader's batches in earlier epochs of this pass."""
+
+    plan: EpochPlan
+    window: int
+    runs: list[tuple[int, int, bool]]
+    first: int = 0
+    batch_base: int = 0
+
+
+def _visits(plan: EpochPlan, intervals: list[tuple[Interval, bool]], first: int = 0,
+            batch_base: int = 0) -> Iterator[_Visit]:
+    """The window visits of INTERVALS, in order (the window is reloaded when it changes, as before)."""
+    cur: _Visit | None = None
+    pos = first
     for (a, b), pad in intervals:
         g = a
         while g < b:
             w = int(np.searchsorted(plan.window_starts, g, side="right") - 1)
-            if window is None or window.index != w:
-                window = load_window(manifest, plan, cfg, w, storage_options)
             stop = min(b, int(plan.window_starts[w + 1]))
-            base = int(plan.window_starts[w])
-            for gi in range(g, stop):
-                yield expand_example(window, gi - base, cfg, gi, plan.epoch, pad)
+            if cur is not None and cur.window == w:
+                cur.runs.append((g, stop, pad))
+            else:
+                if cur is not None:
+                    yield cur
+                cur = _Visit(plan, w, [(g, stop, pad)], pos, batch_base)
+            pos += stop - g
             g = stop
+    if cur is not None:
+        yield cur
+
+
+def _visit_examples(visit: _Visit, window: Window, cfg: StreamConfig) -> Iterator[Example]:
+    base = int(visit.plan.window_starts[visit.window])
+    for g0, g1, pad in visit.runs:
+        for gi in range(g0, g1):
+            yield expand_example(window, gi - base, cfg, gi, visit.plan.epoch, pad)
+
+
+class Prefetcher:
+    """(key, load(key)) for every key of KEYS, in order, loaded on a daemon thread at most one item
+    ahead of the consumer: item k+1 is loaded while item k is consumed, never k+2 (a window is the
+    bounded shuffle buffer; prefetching holds two). An error in KEYS or LOAD is raised to the
+    consumer, as it was raised, at the item it belongs to. close() stops the thread (after the load
+    in progress, if any); a consumer that stops early must call it (iter_windows does)."""
+
+    _END = object()
+
+    def __init__(self, keys: Iterator[Any], load: Callable[[Any], Any], name: str = "patchrec-prefetch") -> None:
+        self._keys, self._load = keys, load
+        self._results: queue.Queue = queue.Queue()  # never holds more than one item (the permit below)
+        self._permit = threading.Semaphore(1)  # released by the consumer when it takes an item
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for key in self._keys:
+                self._permit.acquire()
+                if self._stop.is_set():
+                    return
+                self._results.put((key, self._load(key), None))
+            self._results.put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who raises it
+            self._results.put((None, None, exc))
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> tuple[Any, Any]:
+        if self._done:
+            raise StopIteration
+        item = self._results.get()
+        if item is self._END:
+            self._done = True
+            raise StopIteration
+        key, value, exc = item
+        if exc is not None:
+            self._done = True
+            raise exc
+        self._permit.release()  # the thread may load the next item while this one is consumed
+        return key, value
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._done = True
+        self._stop.set()
+        self._permit.release()
+        self._thread.join(timeout)
+
+
+def iter_windows(manifest: Manifest, cfg: StreamConfig, visits: Iterator[_Visit],
+                 storage_options: dict[str, Any] | None = None) -> Iterator[tuple[_Visit, Window]]:
+    """(visit, its window) in order; with cfg.prefetch the next window is read on a thread meanwhile."""
+
+    def load(v: _Visit) -> Window:
+        return load_window(manifest, v.plan, cfg, v.window, storage_options)
+
+    if not cfg.prefetch:
+        for v in visits:
+            yield v, load(v)
+        return
+    prefetcher = Prefetcher(visits, load, name="patchrec-window-prefetch")
+    try:
+        yield from prefetcher
+    finally:
+        prefetcher.close()
+
+
+def iter_examples(manifest: Manifest, plan: EpochPlan, cfg: StreamConfig,
+                  intervals: list[tuple[Interval, bool]], storage_options=None) -> Iterator[Example]:
+    """Examples of the given global intervals, loading one window at a time (the next one ahead
+    of time with cfg.prefetch)."""
+    for visit, window in iter_windows(manifest, cfg, _visits(plan, intervals), storage_options):
+        yield from _visit_examples(visit, window, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,14 +427,24 @@ class HistoryStream(IterableDataset):
     """Examples of one rank for one pass, from batch `start_batch` on; workers read disjoint pieces.
 
     `transform` maps an Example to what the collate function takes (the patching stage plugs in
-    here so it runs on the workers)."""
+    here so it runs on the workers).
+
+    With `continue_epochs` a worker does not stop at the end of PLAN's epoch: it goes on with the
+    next epochs (fresh plans from (seed, epoch), its same slot, from their batch 0), so one
+    DataLoader pass serves every epoch and its workers live as long as it does (StreamLoader).
+    Each worker gives exactly piece / batch_size batches per epoch, so the DataLoader's round robin
+    stays aligned across epoch boundaries: batch j of every epoch still comes from slot worker j % W.
+    A transform with a `micro_step_offset` (the Patcher: PPT's schedule counts micro-batches from
+    the trainer's value for the epoch's batch 0) gets it advanced here, where it runs, by the
+    batches of the earlier epochs of the pass; a worker's copy would otherwise keep the value it
+    was forked with (the trainer's micro_batch_source sets the same values in the main process)."""
 
     def __init__(self, manifest: Manifest, cfg: StreamConfig, plan: EpochPlan, rank: int, workers: int,
                  start_batch: int = 0, transform: Callable[[Example], Any] | None = None,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, continue_epochs: bool = False) -> None:
         self.manifest, self.cfg, self.plan, self.rank = manifest, cfg, plan, rank
         self.workers, self.start_batch, self.transform = max(1, workers), start_batch, transform
-        self.storage_options = storage_options
+        self.storage_options, self.continue_epochs = storage_options, continue_epochs
 
     def _slot_worker(self) -> int:
         info = get_worker_info()
@@ -331,15 +461,38 @@ class HistoryStream(IterableDataset):
         worker = self._slot_worker()
         yield from self._iter_worker(worker)
 
+    def _worker_visits(self, worker: int) -> Iterator[_Visit]:
+        """The window visits of slot worker WORKER: PLAN's epoch from start_batch on, then (with
+        continue_epochs) every later epoch whole."""
+        slot, b, w = self.rank * self.workers + worker, self.cfg.batch_size, self.workers
+        plan, world = self.plan, self.plan.slots // self.workers
+        first = _worker_batches_before(self.start_batch, worker, w) * b
+        batch_base = 0
+        while True:
+            yield from _visits(plan, slot_intervals(plan, slot, first), first, batch_base)
+            if not self.continue_epochs:
+                return
+            batch_base += (plan.piece // b) * w
+            plan, first = plan_epoch(self.manifest, self.cfg, plan.epoch + 1, world, w), 0
+            if plan.piece == 0:  # StreamLoader refuses such a stream up front; never spin here
+                return
+
     def _iter_worker(self, worker: int) -> Iterator[Any]:
-        slot = self.rank * self.workers + worker
-        done = _worker_batches_before(self.start_batch, worker, self.workers)
-        b = self.cfg.batch_size
-        examples = iter_examples(self.manifest, self.plan, self.cfg, slot_intervals(self.plan, slot, done * b),
-                                 self.storage_options)
-        for i, ex in enumerate(examples):
-            ex.batch = (done + i // b) * self.workers + worker
-            yield self.transform(ex) if self.transform else ex
+        b, transform = self.cfg.batch_size, self.transform
+        offset0 = getattr(transform, "micro_step_offset", None)  # read where the transform runs, at the start
+        windows = iter_windows(self.manifest, self.cfg, self._worker_visits(worker), self.storage_options)
+        try:
+            for visit, window in windows:
+                for k, ex in enumerate(_visit_examples(visit, window, self.cfg)):
+                    ex.batch = ((visit.first + k) // b) * self.workers + worker
+                    if transform is None:
+                        yield ex
+                        continue
+                    if offset0 is not None:  # set per example: in-process workers share one transform
+                        transform.micro_step_offset = offset0 + visit.batch_base
+                    yield transform(ex)
+        finally:
+            windows.close()  # stops the prefetch thread now, not when the generator is collected
 
     def _iter_in_process(self) -> Iterator[Any]:
         iters = [self._iter_worker((i + self.start_batch) % self.workers) for i in range(self.workers)]
@@ -365,23 +518,41 @@ def _worker_ignores_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+_ENDED = object()
+
+
 class StreamLoader:
     """A DataLoader over HistoryStream that knows where it is: iterate it for one epoch's batches;
-    state_dict() / load_state_dict() give a rank-independent position (epoch, work, batches)."""
+    state_dict() / load_state_dict() give a rank-independent position (epoch, work, batches).
+
+    Workers persist across epochs (`persistent_workers`, the default). DataLoader's own
+    persistent_workers=True does not fit: each new iter() restarts iter(dataset) on the workers'
+    copies of the dataset, forked before the epoch changed, so they could not learn the next
+    epoch's plan (or a resumed work list) without a side channel, and nothing could be read ahead
+    across the boundary. Instead the workers iterate every epoch themselves (HistoryStream's
+    continue_epochs) and this loader keeps one DataLoader iterator for as long as the stream runs
+    on: an epoch ends after len(self) batches, the next one takes the following batches of the
+    same iterator, whose workers are already reading and patching them. The order and the
+    checkpointed position are what a fresh DataLoader per epoch would give: the position counts
+    consumed batches only, never the ones waiting in the DataLoader's queue. An epoch abandoned
+    before its end (the consumer closed or dropped its iterator), an error, load_state_dict() and
+    close() shut the workers down; the next iteration starts new ones at the saved position."""
 
     def __init__(self, data: str | Manifest, cfg: StreamConfig, rank: int | None = None,
                  world: int | None = None, transform: Callable[[Example], Any] | None = None,
                  collate_fn: Callable[[list[Any]], Any] = collate_examples,
-                 storage_options: dict[str, Any] | None = None, prefetch_factor: int = 4) -> None:
+                 storage_options: dict[str, Any] | None = None, prefetch_factor: int = 4,
+                 persistent_workers: bool = True) -> None:
         self.manifest = data if isinstance(data, Manifest) else load_manifest(data, storage_options)
         if world is None or rank is None:
             rank, world = _dist_rank_world()
         self.cfg, self.rank, self.world = cfg, rank, world
         self.transform, self.collate_fn, self.storage_options = transform, collate_fn, storage_options
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor, self.persistent_workers = prefetch_factor, persistent_workers
         self.epoch, self.batches_done = 0, 0
         self._work: list[Interval] | None = None
         self._plan = self._make_plan()
+        self._batches: Iterator[Any] | None = None  # the DataLoader iterator, positioned at the next batch
 
     @property
     def workers(self) -> int:
@@ -404,26 +575,49 @@ class StreamLoader:
     def plan(self) -> EpochPlan:
         return self._plan
 
+    def _batch_iterator(self) -> Iterator[Any]:
+        if self._batches is None:
+            stream = HistoryStream(self.manifest, self.cfg, self._plan, self.rank, self.workers,
+                                   self.batches_done, self.transform, self.storage_options,
+                                   continue_epochs=self.persistent_workers)
+            workers = self.cfg.num_workers
+            loader = DataLoader(
+                stream, batch_size=self.cfg.batch_size, num_workers=workers,
+                collate_fn=self.collate_fn, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                prefetch_factor=self.prefetch_factor if workers > 0 else None,
+                multiprocessing_context="fork" if workers > 0 else None,
+                worker_init_fn=_worker_ignores_stop_signals if workers > 0 else None,
+            )
+            self._batches = iter(loader)
+        return self._batches
+
     def __iter__(self) -> Iterator[Any]:
         total = len(self)
         if self.batches_done < total:
-            stream = HistoryStream(self.manifest, self.cfg, self._plan, self.rank, self.workers,
-                                   self.batches_done, self.transform, self.storage_options)
-            loader = DataLoader(
-                stream, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
-                collate_fn=self.collate_fn, persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                prefetch_factor=self.prefetch_factor if self.cfg.num_workers > 0 else None,
-                multiprocessing_context="fork" if self.cfg.num_workers > 0 else None,
-                worker_init_fn=_worker_ignores_stop_signals if self.cfg.num_workers > 0 else None,
-            )
-            for batch in loader:
-                self.batches_done += 1
-                yield batch
-                if self.batches_done >= total:
-                    break
+            batches = self._batch_iterator()
+            try:
+                while self.batches_done < total:
+                    batch = next(batches, _ENDED)
+                    if batch is _ENDED:
+                        raise RuntimeError(f"{self.manifest.root}: the stream ended after {self.batches_done} of "
+                                           f"{total} batches of epoch {self.epoch}")
+                    self.batches_done += 1
+                    yield batch
+            except BaseException:  # abandoned mid-epoch (GeneratorExit) or failed: no workers left behind
+                self.close()
+                raise
         self.epoch += 1
         self.batches_done, self._work = 0, None
         self._plan = self._make_plan()
+        if not self.persistent_workers:
+            self.close()
+
+    def close(self) -> None:
+        """Shut the DataLoader workers down now (the position is kept; iterating again restarts them)."""
+        batches, self._batches = self._batches, None
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -435,6 +629,7 @@ class StreamLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()  # running workers are positioned for the old state
         for key in ("split", "seed", "shuffle", "window_shards", "generation"):
             mine = self.manifest.generation if key == "generation" else getattr(self.cfg, key)
             if state[key] != mine:
@@ -471,7 +666,7 @@ def stream_statistics(manifest: Manifest, split: str) -> dict[str, Any]:
 
 
 __all__ = [
-    "EpochPlan", "Example", "HistoryStream", "StreamConfig", "StreamLoader", "UserRecord", "Window",
-    "collate_examples", "consumed_work", "decode_shard", "expand_example", "iter_examples", "load_window",
-    "plan_epoch", "read_shard", "slot_intervals", "stream_statistics",
+    "EpochPlan", "Example", "HistoryStream", "Prefetcher", "StreamConfig", "StreamLoader", "UserRecord", "Window",
+    "collate_examples", "consumed_work", "decode_shard", "expand_example", "iter_examples", "iter_windows",
+    "load_window", "plan_epoch", "read_shard", "slot_intervals", "stream_statistics",
 ]

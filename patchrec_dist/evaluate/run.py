@@ -118,7 +118,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                               max_history=cfg.max_history or None, num_workers=cfg.num_workers,
                               max_examples=cfg.max_examples, keep_seen=cfg.exclude_seen)
     loader = StreamLoader(manifest, stream_cfg, rank, world, transform=Patcher(tokens, spec),
-                          collate_fn=GenerationCollator(tokens))
+                          collate_fn=GenerationCollator(tokens), persistent_workers=False)  # one pass
     decoding = decoding_options(cfg, device)
     preds: list[tuple[int, Prediction, list[list[int]], tuple[int, int, int]]] = []
     t0 = time.perf_counter()

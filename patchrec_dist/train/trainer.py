@@ -357,7 +357,7 @@ class Trainer:
             # schedule: its total_steps=1 compressed nearly every item)
             patcher = dataclasses.replace(self.patcher, fixed_step=self.step)
             return StreamLoader(manifest, val_cfg, self.rank, self.world, transform=patcher,
-                                collate_fn=Collator(self.tokens, packing=cfg.packing))
+                                collate_fn=Collator(self.tokens, packing=cfg.packing), persistent_workers=False)
 
         try:
             make()
