@@ -91,10 +91,7 @@ def make_dataset(tmp: str, length: int, users: int, shard_users: int, name: str)
 
 
 def upload(fs, local: str, bucket: str, name: str) -> str:
-    for dirpath, _, files in os.walk(local):
-        for f in files:
-            rel = os.path.relpath(os.path.join(dirpath, f), local)
-            fs.put_file(os.path.join(dirpath, f), f"{bucket}/{name}/{rel}")
+    fs.put(f"{local.rstrip('/')}/", f"{bucket}/{name}", recursive=True)  # the folder's contents
     return f"s3://{bucket}/{name}"
 
 

@@ -15,18 +15,10 @@ from patchrec_dist.patching.collate import Collator, predicted_positions
 from patchrec_dist.patching.layouts import LayoutSpec
 from patchrec_dist.patching.prompt import IGNORE_INDEX
 from patchrec_dist.train.trainer import token_loss_sum
-from tests.test_generate import TITLES, make_features
+from tests.test_generate import TITLES, make_features, one_thread  # noqa: F401 (autouse: 1 thread here too)
 
 SPECS = [LayoutSpec("text"), LayoutSpec("pft-s", group_size=2), LayoutSpec("pft-i", item_len=2),
          LayoutSpec("pft-s", group_size=3)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

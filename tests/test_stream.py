@@ -349,12 +349,7 @@ def test_missing_shard_is_named_from_the_prefetch_thread(small_dataset, tmp_path
 
 
 def _upload(fs, local: str, bucket: str, name: str) -> str:
-    import os
-
-    for dirpath, _, files in os.walk(local):
-        for f in files:
-            rel = os.path.relpath(os.path.join(dirpath, f), local)
-            fs.put_file(os.path.join(dirpath, f), f"{bucket}/{name}/{rel}")
+    fs.put(f"{local.rstrip('/')}/", f"{bucket}/{name}", recursive=True)  # the folder's contents
     return f"s3://{bucket}/{name}"
 
 
