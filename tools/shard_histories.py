@@ -11,6 +11,11 @@ later step holds one bucket or one shard window per process, within --memory-lim
 the machine); only one small row per user and per item is held whole. A Parquet, CSV or TSV table is
 read in chunks; the other formats are read whole first, as before. --in-memory is the old path (the
 whole log in memory); both write the same bytes.
+
+Beyond one machine: --engine ray --engine-address HOST:PORT runs the same passes as tasks of an
+existing Ray cluster (docs/sharding_at_scale.md), the buckets under --output (S3), the same bytes as
+--engine local. Exit status 1: the engine failed (a task still failing after its retries); no
+manifest is written and the staging files are removed.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from patchrec_dist.data.bucketed import (
     source_from_table,
     streams_table,
 )
+from patchrec_dist.data.engines import ENGINES, EngineError
 from patchrec_dist.data.manifest import DataSetError
 from patchrec_dist.data.readers import FORMATS, InputError, read_log
 from patchrec_dist.data.sharding import (
@@ -85,8 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "worker's share (limit / (workers + 1)) is refused, by name")
     m.add_argument("--buckets", type=int, default=0, help="hash buckets of the user (default 0: from the log's size "
                                                          "and --memory-limit); the output does not depend on it")
-    m.add_argument("--staging", default=None, help="local folder for the bucket files (default: the system's temp "
-                                                  "folder); removed at the end, success or not")
+    m.add_argument("--staging", default=None, help="folder for the bucket files (default: the system's temp "
+                                                  "folder; with --engine ray, under --output); removed at the end, "
+                                                  "success or not")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: this machine's processes (--workers); ray: the tasks of an existing Ray cluster")
+    e.add_argument("--engine-address", default=None,
+                   help="ray: the cluster's address, HOST:PORT of `ray start --head` (default: $RAY_ADDRESS)")
     m.add_argument("--in-memory", action="store_true", help="the previous path: the whole log in memory (same output)")
     return p
 
@@ -120,11 +132,25 @@ def main(argv: list[str] | None = None) -> int:
         split_fractions=fractions, shard_size=args.shard_size, workers=max(1, args.workers),
         overwrite=args.overwrite, drop_unknown_items=args.drop_unknown_items, progress=not args.no_progress,
     )
+    address = args.engine_address or os.environ.get("RAY_ADDRESS") or None
+    if args.engine == "ray":
+        problem = None
+        if not address:
+            problem = ("--engine ray needs the cluster's address: --engine-address HOST:PORT (as `ray start --head` "
+                       "printed it) or RAY_ADDRESS")
+        elif args.in_memory:
+            problem = "--in-memory runs on this machine only; it cannot be combined with --engine ray"
+        if problem:
+            print(f"shard_histories: error: {problem}", file=sys.stderr)
+            return 2
+    elif args.engine_address:
+        print("shard_histories: error: --engine-address is for --engine ray", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         bopts = BucketOptions(memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
-                              buckets=args.buckets, staging=args.staging)
-        if args.staging and not os.path.isdir(args.staging):
+                              buckets=args.buckets, staging=args.staging, engine=args.engine, engine_address=address)
+        if args.staging and storage.is_local(args.staging) and not os.path.isdir(args.staging):
             raise InputError(f"--staging {args.staging}: not a folder")
         check_output(opts)  # before reading a possibly huge log
         source = {"format": args.format, "input": args.input, "options": options_summary(opts)}
@@ -146,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, DataSetError, storage.StorageError) as exc:
         print(f"shard_histories: error: {exc}", file=sys.stderr)
         return 2
+    except EngineError as exc:
+        print(f"shard_histories: error: --engine {args.engine}: {exc}; no data set was written", file=sys.stderr)
+        return 1
     c = manifest.counts
     print(f"wrote {len(manifest.shards)} shards to {args.output} in {time.perf_counter() - t0:.1f}s: "
           f"{c['users']:,} users, {c['items']:,} items, {c['interactions']:,} interactions, examples "
-          + ", ".join(f"{k} {v:,}" for k, v in c["examples"].items()))
+          + ", ".join(f"{k} {v:,}" for k, v in c["examples"].items())
+          + (f" ({bopts.ran_on})" if args.engine != "local" else ""))
     return 0
 
 

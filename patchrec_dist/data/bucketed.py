@@ -32,6 +32,13 @@ Stages:
   F  per shard, in parallel: its users' slices, read from the bucket arrays window by window.
 
 The number of buckets and of workers changes nothing in the output (tests/test_sharding_bounded.py).
+
+Engines (engines.py): every stage's per-bucket and per-shard work is a module-level task function run
+through an executor (`pool.map`): this machine's spawned processes (--engine local) or the tasks of an
+existing Ray cluster (--engine ray; then stage A's chunks are partitioned in tasks too, and the bucket
+files live in a staging folder under the output store). Tasks reach the files through the `Staging`
+they are handed; the driver keeps stage E, the catalog and the manifest (tests/test_sharding_ray.py:
+the same bytes on both engines).
 """
 
 from __future__ import annotations
@@ -39,14 +46,10 @@ from __future__ import annotations
 import io
 import json
 import math
-import multiprocessing as mp
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +60,16 @@ import pyarrow.ipc as ipc
 from tqdm import tqdm
 
 from patchrec_dist.data import storage
+from patchrec_dist.data.engines import (
+    ENGINES,
+    IPC_OPTIONS,
+    LocalExecutor,
+    RayExecutor,
+    Staging,
+    explicit_storage_options,
+    local_staging,
+    store_staging,
+)
 from patchrec_dist.data.manifest import SPLITS, Manifest, ShardInfo
 from patchrec_dist.data.readers import (
     InputError,
@@ -96,7 +109,10 @@ _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 class BucketOptions:
     memory_limit: int | None = None  # bytes for the whole run's working set; None: a fraction of the machine
     buckets: int = 0  # 0: from the log's size and the memory limit
-    staging: str | None = None  # local folder for bucket files (default: the system's temp folder)
+    staging: str | None = None  # folder for bucket files (local engine: the system's temp folder; ray: under --output)
+    engine: str = "local"  # where the passes run: "local" (this machine's processes) or "ray" (engines.py)
+    engine_address: str | None = None  # ray: the cluster's address (ray.init(address=...))
+    ran_on: str = ""  # set by the run: where its tasks ran, for the tool's last line
 
     def limit(self) -> int:
         return self.memory_limit or int(machine_memory() * DEFAULT_MEMORY_FRACTION)
@@ -341,10 +357,9 @@ def _bucket_of(users: pl.Series, buckets: int, seed: int) -> pl.Series:
 class _BucketWriters:
     """One Arrow IPC file per bucket, appended chunk by chunk (so each stays in input order)."""
 
-    _OPTIONS = ipc.IpcWriteOptions(compression="lz4")
-
-    def __init__(self, folder: str, prefix: str, buckets: int, schema: pa.Schema) -> None:
-        self.paths = [os.path.join(folder, f"{prefix}{b:05d}.arrow") for b in range(buckets)]
+    def __init__(self, staging: Staging, prefix: str, buckets: int, schema: pa.Schema) -> None:
+        self.staging = staging
+        self.names = [f"{prefix}{b:05d}.arrow" for b in range(buckets)]
         self.rows = [0] * buckets
         self.schema = schema
         self._writers: dict[int, Any] = {}
@@ -354,45 +369,39 @@ class _BucketWriters:
             return
         w = self._writers.get(b)
         if w is None:
-            w = self._writers[b] = ipc.new_file(self.paths[b], self.schema, options=self._OPTIONS)
-        w.write_table(df.to_arrow().cast(self.schema))
+            f = self.staging.writer(self.names[b])
+            w = self._writers[b] = (f, ipc.new_file(f.__enter__(), self.schema, options=IPC_OPTIONS))
+        w[1].write_table(df.to_arrow().cast(self.schema))
         self.rows[b] += df.height
 
     def close(self) -> list[tuple[str, int]]:
-        for w in self._writers.values():
+        for f, w in self._writers.values():
             w.close()
-        return [(p, n) for p, n in zip(self.paths, self.rows) if n]
+            f.__exit__(None, None, None)
+        return [(p, n) for p, n in zip(self.names, self.rows) if n]
 
 
-def _read_bucket(path: str, columns: list[str] | None = None) -> pl.DataFrame:
-    with pa.OSFile(path) as src:
-        reader = ipc.open_file(src)
-        if columns is not None:  # read only these columns' buffers
-            names = reader.schema.names
-            reader = ipc.open_file(src, options=ipc.IpcReadOptions(
-                included_fields=[names.index(c) for c in columns]))
-        table = reader.read_all()
-    return pl.from_arrow(table)
+def _read_bucket(staging: Staging, name: str, columns: list[str] | None = None) -> pl.DataFrame:
+    return staging.read_ipc(name, columns)
 
 
-def _write_bucket(path: str, df: pl.DataFrame, schema: pa.Schema) -> None:
-    tmp = path + ".tmp"
-    with ipc.new_file(tmp, schema, options=_BucketWriters._OPTIONS) as w:
-        w.write_table(df.to_arrow().cast(schema))
-    os.replace(tmp, path)
+def _write_bucket(staging: Staging, name: str, df: pl.DataFrame, schema: pa.Schema) -> None:
+    staging.write_ipc(name, df, schema)
 
 
 # ---------------------------------------------------------------------------------------------
 # worker tasks (module-level: they run in spawned processes)
 
 
-def _task_clean(paths: list[str], dedupe_keys: list[str] | None, item_alive: np.ndarray | None, min_user: int,
-                n_items: int, schema: pa.Schema) -> tuple[int, np.ndarray]:
-    """Duplicates and/or one k-core round over each bucket; rewrites a bucket that changed.
-    Returns (rows left, item counts)."""
-    total, counts = 0, np.zeros(n_items, dtype=np.int64)
+def _task_clean(staging: Staging, paths: list[str], dedupe_keys: list[str] | None, item_alive: np.ndarray | None,
+                min_user: int, n_items: int, schema: pa.Schema) -> tuple[int, np.ndarray, list[int]]:
+    """Duplicates and/or one k-core round over each bucket; rewrites a bucket that changed (a retry
+    reads the rewritten bucket: both steps leave a bucket they already cleaned as it is).
+    Returns (rows left, item counts, rows left per bucket)."""
+    staging.check_fault("clean")
+    total, counts, rows = 0, np.zeros(n_items, dtype=np.int64), []
     for path in paths:
-        df = _read_bucket(path)
+        df = _read_bucket(staging, path)
         before = df.height
         if dedupe_keys:
             df = drop_duplicates(df, dedupe_keys)
@@ -401,18 +410,20 @@ def _task_clean(paths: list[str], dedupe_keys: list[str] | None, item_alive: np.
         if min_user > 1:
             df = df.filter(pl.len().over("user") >= min_user)
         if df.height != before:
-            _write_bucket(path, df, schema)
+            _write_bucket(staging, path, df, schema)
         total += df.height
+        rows.append(df.height)
         counts += np.bincount(df["item"].to_numpy(), minlength=n_items)
-    return total, counts
+    return total, counts, rows
 
 
-def _task_histogram(paths: list[str], specs: list[tuple]) -> list[tuple[int, np.ndarray]]:
+def _task_histogram(staging: Staging, paths: list[str], specs: list[tuple]) -> list[tuple[int, np.ndarray]]:
     """For each spec (column, time_equals, lo, hi, shift): (values < lo, histogram of (v - lo) >> shift
     over [lo, hi]), among the rows whose time equals time_equals when that is not None."""
+    staging.check_fault("histogram")
     out = [(0, np.zeros(((hi - lo) >> shift) + 1, dtype=np.int64)) for _, _, lo, hi, shift in specs]
     for path in paths:
-        df = _read_bucket(path, ["time", "row"])
+        df = _read_bucket(staging, path, ["time", "row"])
         t, r = df["time"].to_numpy(), df["row"].to_numpy()
         for k, (col, teq, lo, hi, shift) in enumerate(specs):
             v = t if col == "time" else r
@@ -425,12 +436,16 @@ def _task_histogram(paths: list[str], specs: list[tuple]) -> list[tuple[int, np.
     return out
 
 
-def _task_order(path: str, run_prefix: str, lut_path: str, sort_int: bool, has_times: bool,
+def _task_order(staging: Staging, path: str, run_prefix: str, lut_path: str, sort_int: bool, has_times: bool,
                 cuts: list[tuple[int, int]] | None, split_labels: bool) -> tuple[int, tuple | None]:
     """Sort one bucket into its users' histories; write items / times as flat arrays in that order and a
     table of its users. Returns (users, the first non-consecutive split of a user, or None)."""
-    lut = np.load(lut_path, mmap_mode="r")
-    df = _read_bucket(path)
+    staging.check_fault("order")
+    if staging.local:
+        lut = np.load(staging.path(lut_path), mmap_mode="r")
+    else:
+        lut = np.load(io.BytesIO(staging.read_bytes(lut_path)))
+    df = _read_bucket(staging, path)
     sort_key = pl.col("user").cast(pl.Int64) if sort_int else pl.col("user")
     df = df.with_columns(_k=sort_key).sort(["_k", "time", "row"] if has_times else ["_k", "row"])
     uidx = df.select(pl.col("_k").rle_id()).to_series().to_numpy()
@@ -438,9 +453,9 @@ def _task_order(path: str, run_prefix: str, lut_path: str, sort_int: bool, has_t
     lengths = np.bincount(uidx, minlength=n_users).astype(np.int64)
     starts = np.zeros(n_users, dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
-    lut[df["item"].to_numpy()].astype(np.int32).tofile(run_prefix + ".items")
+    staging.write_bytes(run_prefix + ".items", lut[df["item"].to_numpy()].astype(np.int32).tobytes())
     if has_times:
-        df["time"].to_numpy().astype(np.int64).tofile(run_prefix + ".times")
+        staging.write_bytes(run_prefix + ".times", df["time"].to_numpy().astype(np.int64).tobytes())
     ranges = None
     gap = None
     if cuts is not None:
@@ -460,7 +475,7 @@ def _task_order(path: str, run_prefix: str, lut_path: str, sort_int: bool, has_t
         for s in range(3):
             for b in range(2):
                 table[f"r{s}{b}"] = ranges[:, s, b]
-    pl.DataFrame(table).write_ipc(run_prefix + ".users.arrow")
+    staging.write_ipc(run_prefix + ".users.arrow", pl.DataFrame(table))
     return n_users, gap
 
 
@@ -484,11 +499,13 @@ def _label_ranges(df: pl.DataFrame, uidx: np.ndarray, starts: np.ndarray, n_user
     return ranges, gap
 
 
-def _task_shard(url: str, storage_options: dict[str, Any], first_user: int, users: list[str], buckets: np.ndarray,
+def _task_shard(staging: Staging, url: str, storage_options: dict[str, Any], first_user: int, users: list[str],
+                buckets: np.ndarray,
                 starts: np.ndarray, lengths: np.ndarray, ranges: np.ndarray, run_prefixes: list[str],
                 has_times: bool, window_rows: int) -> tuple[int, str]:
     """One shard from its users' slices of the bucket arrays, read a window of users at a time (a
     window's users of one bucket are one contiguous range there: buckets and shards are both in key order)."""
+    staging.check_fault("shard")
     bounds = ranges.tolist()
     with storage.open_url(url, "wb", storage_options) as raw:
         tar = FastTarWriter(raw)
@@ -503,9 +520,8 @@ def _task_shard(url: str, storage_options: dict[str, Any], first_user: int, user
                 sel = buckets[i:j] == b
                 lo = int(starts[i:j][sel].min())
                 hi = int((starts[i:j][sel] + lengths[i:j][sel]).max())
-                items = np.fromfile(run_prefixes[b] + ".items", dtype=np.int32, count=hi - lo, offset=4 * lo)
-                times = (np.fromfile(run_prefixes[b] + ".times", dtype=np.int64, count=hi - lo, offset=8 * lo)
-                         if has_times else None)
+                items = staging.read_array(run_prefixes[b] + ".items", np.int32, lo, hi - lo)
+                times = staging.read_array(run_prefixes[b] + ".times", np.int64, lo, hi - lo) if has_times else None
                 loaded[b] = (lo, items, times)
             for k in range(i, j):
                 lo, items, times = loaded[int(buckets[k])]
@@ -521,42 +537,18 @@ def _task_shard(url: str, storage_options: dict[str, Any], first_user: int, user
 # the run
 
 
-class _Pool:
-    """WORKERS spawned processes (or this one for 1) for the per-bucket and per-shard tasks."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = max(1, workers)
-        self._pool = (ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
-                      if self.workers > 1 else None)
-
-    def map(self, fn, argss: list[tuple]) -> Iterator:
-        """FN(*args) for each of ARGSS, results in that order."""
-        if self._pool is None:
-            for args in argss:
-                yield fn(*args)
-            return
-        futures = [self._pool.submit(fn, *args) for args in argss]
-        for f in futures:
-            yield f.result()
-
-    def groups(self, buckets: list[tuple[str, int]]) -> list[list[str]]:
-        """Buckets dealt to one group per worker, the largest first (each group's results are summed)."""
-        groups: list[list[str]] = [[] for _ in range(min(self.workers, len(buckets)) or 1)]
-        load = [0] * len(groups)
-        for path, rows in sorted(buckets, key=lambda x: -x[1]):
-            g = load.index(min(load))
-            groups[g].append(path)
-            load[g] += rows
-        return groups
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+def _executor(bopts: BucketOptions, workers: int):
+    if bopts.engine == "local":
+        return LocalExecutor(workers)
+    if bopts.engine == "ray":
+        return RayExecutor(bopts.engine_address)
+    raise InputError(f"--engine {bopts.engine!r}: expected one of {', '.join(ENGINES)}")
 
 
 def shard_log_bucketed(source: LogSource, opts: ShardOptions, source_info: dict[str, Any],
                        bopts: BucketOptions | None = None) -> Manifest:
-    """The same data set as sharding.shard_log(read(...)), in bounded memory (see the module doc)."""
+    """The same data set as sharding.shard_log(read(...)), in bounded memory (see the module doc), its
+    passes run by bopts.engine (engines.py)."""
     bopts = bopts or BucketOptions()
     previous = check_output(opts)
     limit = bopts.limit()
@@ -564,21 +556,26 @@ def shard_log_bucketed(source: LogSource, opts: ShardOptions, source_info: dict[
     per_process = max(1, limit // (workers + 1))
     _check_options(opts, source)
 
-    staging = tempfile.mkdtemp(prefix="shard-buckets-", dir=bopts.staging)
-    pool = _Pool(workers)
+    pool = _executor(bopts, workers)
+    if pool.name == "local":
+        staging, task_options = local_staging(bopts.staging), opts.storage_options
+    else:  # tasks on other machines: staging under the output store, storage options written out
+        task_options = explicit_storage_options(opts.output, opts.storage_options)
+        staging = store_staging(opts.output, explicit_storage_options(bopts.staging or opts.output,
+                                                                      opts.storage_options), bopts.staging)
     try:
         report: dict[str, Any] = {}
         t0 = time.perf_counter()
         est_buckets = bopts.buckets or max(workers, math.ceil(1.5 * source.estimated_rows * BYTES_PER_ROW / per_process))
-        part = _partition(source, opts, staging, est_buckets, per_process, report)
+        part = _partition(source, opts, staging, est_buckets, per_process, report, pool)
         buckets = _fit_buckets(part["buckets"], staging, part["schema"], per_process, limit, workers, source)
-        counts, total, report_changes = _clean(pool, buckets, part, opts, source)
+        counts, total, report_changes = _clean(pool, staging, buckets, part, opts, source)
         report.update(report_changes)
         if total == 0:
             raise InputError(f"{source.sources.get('interactions', 'interactions')}: no interactions left after "
                              f"filtering ({json.dumps(report)})")
         items, lut = _final_catalog(source.items, part["item_all_int"], counts, opts)
-        cuts = _time_cuts(pool, buckets, total, part, opts) if opts.split == "global-time" else None
+        cuts = _time_cuts(pool, staging, buckets, total, part, opts) if opts.split == "global-time" else None
         users, run_prefixes = _order(pool, buckets, staging, lut, part, source, cuts)
         lengths = users["length"].to_numpy()
         ranges = _user_ranges(users, opts, source, lengths)
@@ -588,13 +585,18 @@ def shard_log_bucketed(source: LogSource, opts: ShardOptions, source_info: dict[
         counts_out = {"users": len(lengths), "items": items.height, "interactions": int(lengths.sum()),
                       "examples": {s: int(per_user[:, i].sum()) for i, s in enumerate(SPLITS)}}
         window_rows = max(1, per_process // (2 * BYTES_PER_ROW))
-        return publish(
-            lambda generation, written: _write_shards(pool, users, ranges, per_user, bounds, run_prefixes,
-                                                      source.has_timestamps, window_rows, opts, generation, written),
+        manifest = publish(
+            lambda generation, written: _write_shards(pool, staging, users, ranges, per_user, bounds, run_prefixes,
+                                                      source.has_timestamps, window_rows, opts, task_options,
+                                                      generation, written),
             items, counts_out, source.has_timestamps, source.prompt, opts, source_info, report, previous)
+        bopts.ran_on = pool.summary()
+        return manifest
     finally:
-        pool.close()
-        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            pool.close()
+        finally:
+            staging.remove_all()
 
 
 def _check_options(opts: ShardOptions, source: LogSource) -> None:
@@ -624,67 +626,130 @@ def _catalog_keys(items: pl.DataFrame) -> tuple[pl.Series, pl.Series]:
     return keys, keys.cast(pl.Utf8)
 
 
-def _partition(source: LogSource, opts: ShardOptions, staging: str, buckets: int, per_process: int,
-               report: dict[str, Any]) -> dict[str, Any]:
-    """Stage A: one pass over the input."""
+def _partition_chunk(df: pl.DataFrame, source: LogSource, opts: ShardOptions, cat_keys: pl.Series,
+                     cat_text: pl.Series, buckets: int) -> tuple[dict[str, Any], dict[int, pl.DataFrame]]:
+    """Stage A on one chunk: --min-rating, the catalog join, the bucket of each row.
+    Returns (this chunk's counts, {bucket: its rows, in input order})."""
+    st: dict[str, Any] = {"rows_read": df.height, "rows_rated": 0, "unknown": 0, "first_unknown": None,
+                          "user_all_int": df["user"].dtype == pl.Int64, "item_all_int": df["item_key"].dtype == pl.Int64,
+                          "tmin": None, "tmax": None, "rmax": 0}
+    if opts.min_rating is not None:
+        df = df.filter(pl.col("rating") >= opts.min_rating)
+        st["rows_rated"] = df.height
+    keys = df["item_key"]
+    if keys.dtype == cat_keys.dtype:
+        dense = _dense_item_index(keys, cat_keys)
+    else:
+        dense = _dense_item_index(keys.cast(pl.Utf8), cat_text)
+    bad = dense < 0
+    n_bad = int(bad.sum())
+    if n_bad:
+        i = int(np.flatnonzero(bad)[0])
+        st["first_unknown"] = (int(df["row"][i]) + 1, str(keys.cast(pl.Utf8)[i]))
+        st["unknown"] = n_bad
+    cols = [pl.col("user").cast(pl.Utf8) if source.user_text else pl.col("user"),
+            pl.Series("item", dense, dtype=pl.Int32), "time", "row"]
+    if source.split_labels:
+        cols.append("split")
+    df = df.select(cols)
+    if n_bad:
+        df = df.filter(pl.Series(~bad))
+    if df.height == 0:
+        return st, {}
+    if source.has_timestamps:
+        st["tmin"], st["tmax"] = df["time"].min(), df["time"].max()
+    st["rmax"] = int(df["row"][-1])
+    if buckets == 1:
+        return st, {0: df}
+    parts = df.with_columns(_bucket_of(df["user"], buckets, 0)).partition_by("_b", as_dict=True, include_key=False)
+    return st, {int(b): part for (b,), part in parts.items()}
+
+
+def _task_partition(staging: Staging, part: int, df: pl.DataFrame, source: LogSource, opts: ShardOptions,
+                    catalog: tuple[pl.Series, pl.Series], buckets: int,
+                    schema: pa.Schema) -> tuple[dict[str, Any], dict[int, tuple[str, int]]]:
+    """Stage A as a task (engines other than local): one chunk's rows of each bucket, as one file per
+    bucket and chunk (b<bucket>.p<chunk>.arrow), merged per bucket in chunk order by _task_merge."""
+    staging.check_fault("partition")
+    st, parts = _partition_chunk(df, source, opts, catalog[0], catalog[1], buckets)
+    files = {}
+    for b, rows in parts.items():
+        name = f"b{b:05d}.p{part:06d}.arrow"
+        _write_bucket(staging, name, rows, schema)
+        files[b] = (name, rows.height)
+    return st, files
+
+
+def _task_merge(staging: Staging, parts: list[str], name: str, schema: pa.Schema) -> int:
+    """One bucket from its chunks' files, in chunk order (so in input order), a chunk at a time."""
+    staging.check_fault("merge")
+    rows = 0
+    with staging.writer(name) as f, ipc.new_file(f, schema, options=IPC_OPTIONS) as w:
+        for p in parts:
+            df = _read_bucket(staging, p)
+            w.write_table(df.to_arrow().cast(schema))
+            rows += df.height
+    return rows
+
+
+def _partition(source: LogSource, opts: ShardOptions, staging: Staging, buckets: int, per_process: int,
+               report: dict[str, Any], pool) -> dict[str, Any]:
+    """Stage A: one pass over the input. The local engine appends each chunk to the bucket files here;
+    another engine partitions each chunk in a task and merges each bucket's pieces in another."""
     inter_file = source.sources.get("interactions", "interactions")
     cat_keys, cat_text = _catalog_keys(source.items)
     n_items = source.items.height
     schema = _bucket_schema(source)
-    writers = _BucketWriters(staging, "b", buckets, schema)
-    rows_read = rows_rated = 0
-    unknown, first_unknown = 0, None
-    user_all_int = item_all_int = True
-    tmin, tmax, rmax = None, None, 0
+    total: dict[str, Any] = {"rows_read": 0, "rows_rated": 0, "unknown": 0, "first_unknown": None,
+                             "user_all_int": True, "item_all_int": True, "tmin": None, "tmax": None, "rmax": 0}
+
+    def add(st: dict[str, Any]) -> None:
+        for k in ("rows_read", "rows_rated", "unknown"):
+            total[k] += st[k]
+        for k in ("user_all_int", "item_all_int"):
+            total[k] &= st[k]
+        if st["first_unknown"] is not None and (total["first_unknown"] is None
+                                                or st["first_unknown"] < total["first_unknown"]):
+            total["first_unknown"] = st["first_unknown"]
+        if st["tmin"] is not None:
+            total["tmin"] = st["tmin"] if total["tmin"] is None else min(total["tmin"], st["tmin"])
+            total["tmax"] = st["tmax"] if total["tmax"] is None else max(total["tmax"], st["tmax"])
+        total["rmax"] = max(total["rmax"], st["rmax"])
+
     chunk_rows = int(min(4_000_000, max(10_000, per_process // _READ_BYTES_PER_ROW)))
-    try:
-        for df in source.chunks(chunk_rows):
-            rows_read += df.height
-            user_all_int &= df["user"].dtype == pl.Int64
-            item_all_int &= df["item_key"].dtype == pl.Int64
-            if opts.min_rating is not None:
-                df = df.filter(pl.col("rating") >= opts.min_rating)
-                rows_rated += df.height
-            keys = df["item_key"]
-            if keys.dtype == cat_keys.dtype:
-                dense = _dense_item_index(keys, cat_keys)
-            else:
-                dense = _dense_item_index(keys.cast(pl.Utf8), cat_text)
-            bad = dense < 0
-            n_bad = int(bad.sum())
-            if n_bad:
-                if first_unknown is None:
-                    i = int(np.flatnonzero(bad)[0])
-                    first_unknown = (int(df["row"][i]) + 1, str(keys.cast(pl.Utf8)[i]))
-                unknown += n_bad
-            cols = [pl.col("user").cast(pl.Utf8) if source.user_text else pl.col("user"),
-                    pl.Series("item", dense, dtype=pl.Int32), "time", "row"]
-            if source.split_labels:
-                cols.append("split")
-            df = df.select(cols)
-            if n_bad:
-                df = df.filter(pl.Series(~bad))
-            if df.height == 0:
-                continue
-            if source.has_timestamps:
-                lo, hi = df["time"].min(), df["time"].max()
-                tmin = lo if tmin is None else min(tmin, lo)
-                tmax = hi if tmax is None else max(tmax, hi)
-            rmax = max(rmax, int(df["row"][-1]))
-            if buckets == 1:
-                writers.write(0, df)
-            else:
-                for (b,), part in df.with_columns(_bucket_of(df["user"], buckets, 0)).partition_by(
-                        "_b", as_dict=True, include_key=False).items():
-                    writers.write(int(b), part)
-    finally:
-        written = writers.close()
-    report["rows_read"] = rows_read
+    if pool.name == "local":
+        writers = _BucketWriters(staging, "b", buckets, schema)
+        try:
+            for df in source.chunks(chunk_rows):
+                st, parts = _partition_chunk(df, source, opts, cat_keys, cat_text, buckets)
+                add(st)
+                for b, rows in parts.items():
+                    writers.write(b, rows)
+        finally:
+            written = writers.close()
+    else:
+        catalog = pool.share((cat_keys, cat_text))
+        lean = LogSource(items=source.items.clear(), chunks=None, estimated_rows=0, has_timestamps=source.has_timestamps,
+                         has_rating=source.has_rating, user_text=source.user_text, split_labels=source.split_labels)
+        pieces: dict[int, list[tuple[str, int]]] = {}
+        jobs = ((staging, i, df, lean, opts, catalog, buckets, schema) for i, df in enumerate(source.chunks(chunk_rows)))
+        for st, files in pool.map(_task_partition, jobs):  # chunk order
+            add(st)
+            for b, f in files.items():
+                pieces.setdefault(b, []).append(f)
+        order = sorted(pieces)
+        names = [f"b{b:05d}.arrow" for b in order]
+        rows = list(pool.map(_task_merge, [(staging, [n for n, _ in pieces[b]], name, schema)
+                                           for b, name in zip(order, names)]))
+        staging.remove(n for b in order for n, _ in pieces[b])
+        written = list(zip(names, rows))
+    report["rows_read"] = total["rows_read"]
     if opts.min_rating is not None:
-        report["rows_after_min_rating"] = rows_rated
+        report["rows_after_min_rating"] = total["rows_rated"]
+    unknown = total["unknown"]
     if unknown:
         if not opts.drop_unknown_items:
-            row, key = first_unknown
+            row, key = total["first_unknown"]
             raise InputError(f"{inter_file}: row {row}: item {key!r} is not in the items table "
                              f"({unknown} such interactions; --drop-unknown-items drops them)")
         if opts.split == "keep":
@@ -692,12 +757,12 @@ def _partition(source: LogSource, opts: ShardOptions, staging: str, buckets: int
                              "--split keep keeps the input's own target ranges, which dropping them would shift")
         report["dropped_unknown_items"] = unknown
     # a user column of text whose every id is an integer sorts as integers, as the in-memory reader's does
-    return {"buckets": written, "schema": schema, "user_sort_int": (not source.user_text) or user_all_int,
-            "item_all_int": item_all_int, "n_items": n_items, "time_range": (tmin, tmax), "max_row": rmax,
-            "rows": sum(n for _, n in written)}
+    return {"buckets": written, "schema": schema, "user_sort_int": (not source.user_text) or total["user_all_int"],
+            "item_all_int": total["item_all_int"], "n_items": n_items, "time_range": (total["tmin"], total["tmax"]),
+            "max_row": total["rmax"], "rows": sum(n for _, n in written)}
 
 
-def _fit_buckets(buckets: list[tuple[str, int]], staging: str, schema: pa.Schema, per_process: int, limit: int,
+def _fit_buckets(buckets: list[tuple[str, int]], staging: Staging, schema: pa.Schema, per_process: int, limit: int,
                  workers: int, source: LogSource, depth: int = 1) -> list[tuple[str, int]]:
     """Split every bucket too large for one process's share of --memory-limit by another hash of the
     user; refuse a user whose history alone is too large, naming it."""
@@ -707,7 +772,7 @@ def _fit_buckets(buckets: list[tuple[str, int]], staging: str, schema: pa.Schema
         if rows <= cap:
             out.append((path, rows))
             continue
-        with pa.OSFile(path) as src:
+        with staging.open_read(path) as src:
             reader = ipc.open_file(src)
             sizes = None
             for i in range(reader.num_record_batches):
@@ -722,9 +787,9 @@ def _fit_buckets(buckets: list[tuple[str, int]], staging: str, schema: pa.Schema
                 f"{workers} worker(s) and the main process may use (--memory-limit / (workers + 1)); raise "
                 "--memory-limit or lower --workers")
         k = max(2, math.ceil(2 * rows / cap))
-        sub = _BucketWriters(staging, os.path.basename(path)[:-6] + f"-{depth}-", k, schema)
+        sub = _BucketWriters(staging, path[:-6] + f"-{depth}-", k, schema)
         try:
-            with pa.OSFile(path) as src:
+            with staging.open_read(path) as src:
                 reader = ipc.open_file(src)
                 for i in range(reader.num_record_batches):
                     df = pl.from_arrow(reader.get_batch(i))
@@ -733,12 +798,12 @@ def _fit_buckets(buckets: list[tuple[str, int]], staging: str, schema: pa.Schema
                         sub.write(int(b), part)
         finally:
             pieces = sub.close()
-        os.remove(path)
+        staging.remove([path])
         out += _fit_buckets(pieces, staging, schema, per_process, limit, workers, source, depth + 1)
     return out
 
 
-def _clean(pool: _Pool, buckets: list[tuple[str, int]], part: dict[str, Any], opts: ShardOptions,
+def _clean(pool, staging: Staging, buckets: list[tuple[str, int]], part: dict[str, Any], opts: ShardOptions,
            source: LogSource) -> tuple[np.ndarray, int, dict[str, Any]]:
     """Stage B: duplicates, then k-core rounds; returns (item counts, rows, report entries)."""
     report: dict[str, Any] = {}
@@ -748,13 +813,15 @@ def _clean(pool: _Pool, buckets: list[tuple[str, int]], part: dict[str, Any], op
     keys = (["user", "item", "time"] if opts.dedupe == "exact" else ["user", "item"]) if dedupe else None
 
     def one_pass(dedupe_keys, alive, min_user) -> tuple[int, np.ndarray]:
-        rows, counts = 0, np.zeros(n_items, dtype=np.int64)
-        for r, c in pool.map(_task_clean, [(g, dedupe_keys, alive, min_user, n_items, schema)
-                                           for g in pool.groups(buckets)]):
+        rows, counts, left = 0, np.zeros(n_items, dtype=np.int64), {}
+        groups = pool.groups(buckets)
+        for g, (r, c, per) in zip(groups, pool.map(_task_clean, [(staging, g, dedupe_keys, alive, min_user,
+                                                                   n_items, schema) for g in groups])):
             rows += r
             counts += c
-        for i, (path, _) in enumerate(buckets):  # row counts only shrink; keep them for the groups' balance
-            buckets[i] = (path, max(0, os.path.getsize(path)))
+            left.update(zip(g, per))
+        for i, (path, _) in enumerate(buckets):  # the rows left, for the groups' balance
+            buckets[i] = (path, left[path])
         return rows, counts
 
     counts, total2 = None, total
@@ -802,7 +869,7 @@ def _final_catalog(items: pl.DataFrame, item_all_int: bool, counts: np.ndarray,
     return ordered, lut[:-1]
 
 
-def _time_cuts(pool: _Pool, buckets: list[tuple[str, int]], n: int, part: dict[str, Any],
+def _time_cuts(pool, staging: Staging, buckets: list[tuple[str, int]], n: int, part: dict[str, Any],
                opts: ShardOptions) -> list[tuple[int, int]]:
     """Stage C: the (time, row) pairs that start val and test: the cut-th smallest of all pairs, as
     sharding._global_time_ranges takes them, found by radix selection over the buckets."""
@@ -820,7 +887,7 @@ def _time_cuts(pool: _Pool, buckets: list[tuple[str, int]], n: int, part: dict[s
             col, teq, lo, hi, _ = state[i]
             specs.append((col, teq, lo, hi, max(0, (hi - lo).bit_length() - _RADIX_BITS)))
         totals = None
-        for res in pool.map(_task_histogram, [(g, specs) for g in groups]):
+        for res in pool.map(_task_histogram, [(staging, g, specs) for g in groups]):
             totals = res if totals is None else [(a + b, h1 + h2) for (a, h1), (b, h2) in zip(totals, res)]
         for i, spec, (below, hist) in zip(active, specs, totals):
             col, teq, lo, hi, k = state[i]
@@ -839,13 +906,17 @@ def _time_cuts(pool: _Pool, buckets: list[tuple[str, int]], n: int, part: dict[s
     return [f for f in found]
 
 
-def _order(pool: _Pool, buckets: list[tuple[str, int]], staging: str, lut: np.ndarray, part: dict[str, Any],
+def _order(pool, buckets: list[tuple[str, int]], staging: Staging, lut: np.ndarray, part: dict[str, Any],
            source: LogSource, cuts) -> tuple[pl.DataFrame, list[str]]:
     """Stage D and E: sort each bucket into histories, then all users in key order (O(users))."""
-    run_prefixes = [os.path.join(staging, f"run{b:05d}") for b in range(len(buckets))]
-    lut_path = os.path.join(staging, "items.lut.npy")
-    np.save(lut_path, lut)
-    args = [(path, run_prefixes[b], lut_path, part["user_sort_int"], source.has_timestamps, cuts, source.split_labels)
+    staging.remove(path for path, rows in buckets if rows == 0)
+    buckets = [(path, rows) for path, rows in buckets if rows > 0]  # k-core may empty a bucket
+    run_prefixes = [f"run{b:05d}" for b in range(len(buckets))]
+    lut_path = "items.lut.npy"
+    buf = io.BytesIO()
+    np.save(buf, lut)
+    staging.write_bytes(lut_path, buf.getvalue())
+    args = [(staging, path, run_prefixes[b], lut_path, part["user_sort_int"], source.has_timestamps, cuts, source.split_labels)
             for b, (path, _) in enumerate(buckets)]
     gaps = []
     for _, gap in pool.map(_task_order, args):
@@ -856,9 +927,8 @@ def _order(pool: _Pool, buckets: list[tuple[str, int]], staging: str, lut: np.nd
         raise InputError(f"{source.sources.get('interactions', 'interactions')}: user {user!r}: its {split!r} rows "
                          f"(column '{source.split_col}') are not consecutive in time order; "
                          "each split of a user must be one run of targets")
-    for path, _ in buckets:
-        os.remove(path)  # the runs hold everything from here on
-    tables = [_read_bucket(p + ".users.arrow").with_columns(pl.lit(b, dtype=pl.Int32).alias("bucket"))
+    staging.remove(path for path, _ in buckets)  # the runs hold everything from here on
+    tables = [_read_bucket(staging, p + ".users.arrow").with_columns(pl.lit(b, dtype=pl.Int32).alias("bucket"))
               for b, p in enumerate(run_prefixes)]
     users = pl.concat(tables).sort("_k")
     return users, run_prefixes
@@ -877,9 +947,10 @@ def _user_ranges(users: pl.DataFrame, opts: ShardOptions, source: LogSource, len
     return _kept_ranges(users["user"].to_numpy().astype(object), log)
 
 
-def _write_shards(pool: _Pool, users: pl.DataFrame, ranges: np.ndarray, per_user: np.ndarray,
+def _write_shards(pool, staging: Staging, users: pl.DataFrame, ranges: np.ndarray, per_user: np.ndarray,
                   bounds: list[tuple[int, int]], run_prefixes: list[str], has_times: bool, window_rows: int,
-                  opts: ShardOptions, generation: str, written: list[str]) -> list[ShardInfo]:
+                  opts: ShardOptions, storage_options: dict[str, Any], generation: str,
+                  written: list[str]) -> list[ShardInfo]:
     out = opts.output.rstrip("/")
     keys = users["user"]
     bucket, start, length = (users[c].to_numpy() for c in ("bucket", "start", "length"))
@@ -888,7 +959,7 @@ def _write_shards(pool: _Pool, users: pl.DataFrame, ranges: np.ndarray, per_user
         path = f"shards/{generation}-{i:05d}.tar"
         written.append(path)
         paths.append(path)
-        jobs.append((storage.join(out, path), opts.storage_options, a, keys.slice(a, b - a).to_list(),
+        jobs.append((staging, storage.join(out, path), storage_options, a, keys.slice(a, b - a).to_list(),
                      bucket[a:b], start[a:b], length[a:b], ranges[a:b], run_prefixes, has_times, window_rows))
     bar = tqdm(total=len(jobs), unit="shard", desc="writing shards", disable=not opts.progress)
     results = []
