@@ -38,8 +38,22 @@ def speed_rows(r: dict[str, dict]) -> list[str]:
         s = r["shard"]
         rows.append(f"| sharding {s['input']['interactions'] / 1e6:.0f}M interactions ({s['input']['users']:,} users, "
                     f"histories up to {s['input']['max_history']:,}) | {s['interactions_per_s'] / 1e6:.2f}M "
-                    f"interactions/s, peak RSS {s['peak_rss_largest_process_gb']:.1f} GB | `{s['command']}` | "
+                    f"interactions/s, peak RSS {s['peak_rss_tree_sum_gb']:.2f} GB (tool and workers; largest "
+                    f"process {s['peak_rss_largest_process_gb']:.2f} GB) | `{s['command']}` | "
                     f"{_machine(s['machine'])} |")
+    if "shard_scaling" in r:
+        s, met = r["shard_scaling"], {True: "met", False: "not met"}
+        rss, speed = s["goals"]["peak_rss_tree_sum_gb_below"], s["goals"]["interactions_per_s_at_least"]
+
+        def per_size(fmt: str, key: str, scale: float = 1.0) -> str:
+            return " / ".join(format(x[key] / scale, fmt) for x in s["rows"])
+
+        rows.append(f"| sharding scaling, {per_size('g', 'interactions', 1e6)}M interactions (same synthetic "
+                    f"distribution, memory limit {s['tool']['memory_limit']}; plot `bench/results/shard_scaling.png`) | "
+                    f"{per_size('.2f', 'interactions_per_s', 1e6)}M interactions/s, peak RSS (tool + workers) "
+                    f"{per_size('.1f', 'peak_rss_tree_sum_gb')} GB; < {rss['goal']:g} GB at every size "
+                    f"{met[rss['met']]}, >= {speed['goal'] / 1e6:g}M interactions/s at {speed['at'] / 1e6:g}M "
+                    f"{met[speed['met']]} | `{s['command']}` | {_machine(s['machine'])} |")
     if "patching" in r:
         p = r["patching"]
         w = p["worker_examples_per_s_per_core"]
@@ -53,13 +67,19 @@ def speed_rows(r: dict[str, dict]) -> list[str]:
                     f"{e['speedup']:.0f}x | `{p['command']}` | {_machine(p['machine'])} |")
     if "train_step" in r:
         t = r["train_step"]
-        for model, runs in t["runs"].items():
-            text, pfts = runs["text"]["median_s"], runs["pft-s"]["median_s"]
-            fb = (pfts["forward_s"] + pfts["backward_s"]) / (text["forward_s"] + text["backward_s"])
-            rows.append(f"| train step pft-s(5) / text(100 items), {model}, ZeRO-3, 1 rank | {pfts['step_s']:.3g} s / "
-                        f"{text['step_s']:.3g} s = {runs['pft_s_over_text_step_time']:.2f} (forward+backward "
-                        f"{fb:.2f}; target {t['target']['pft_s_over_text_step_time']}) | `{t['command']}` | "
-                        f"{_machine(t['machine'])} |")
+        for model, cells in t["summary"].items():
+            for mb, c in cells.items():
+                steps = t["runs"][model][mb]
+                ratios = "; ".join(f"{k} {steps[k]['pft-s']['median_s']['step_s']:.3g} / "
+                                   f"{steps[k]['text']['median_s']['step_s']:.3g} s = {v:.2f}"
+                                   for k, v in c["step_time_ratio"].items())
+                shares = c["pft_s_step_shares"]
+                rows.append(f"| train step pft-s(5) / text(100 items), {model}, micro-batch {mb.rsplit('_', 1)[1]}, "
+                            f"ZeRO-3, 1 rank | {ratios}; limit (input positions) {c['input_positions_ratio']:.2f}, "
+                            f"history positions {c['history_positions_ratio']:.2f}; pft-s step: optimizer "
+                            f"{shares['optimizer']:.0%}, fixed forward+backward "
+                            f"{c['forward_backward_fit']['fixed_share_of_pft_s_step']:.0%} | `{t['command']}` | "
+                            f"{_machine(t['machine'])} |")
     if "checkpoint" in r:
         c = r["checkpoint"]
         for model, m in c["models"].items():

@@ -134,6 +134,16 @@ def summarise(runs: dict[str, dict]) -> dict:
     out["pft_s_step_shares"] = {k.removesuffix("_s"): round(best[k] / step, 3)
                                 for k in ("optimizer_s", "forward_s", "backward_s", "embed_s", "data_wait_s")}
     out["pft_s_step_shares"]["other"] = round(max(0.0, other) / step, 3)
+    # forward+backward as fixed + per-position cost, fitted through the two stages' points (same
+    # examples, packed): the fixed part is what every micro-step pays whatever it feeds (ZeRO-3's
+    # parameter gathers and gradient partitioning, module hooks, the embedding's dense gradient)
+    pair = runs.get("packed", any_pair)
+    (p1, t1), (p2, t2) = ((pair[k]["input_positions"] / pair[k]["steps"],
+                           pair[k]["median_s"]["forward_s"] + pair[k]["median_s"]["backward_s"]) for k in ("pft-s", "text"))
+    per_position = (t2 - t1) / max(1e-9, p2 - p1)
+    fixed = max(0.0, t1 - per_position * p1)
+    out["forward_backward_fit"] = {"fixed_s": round(fixed, 4), "per_1k_positions_s": round(per_position * 1e3, 4),
+                                   "fixed_share_of_pft_s_step": round(fixed / step, 3)}
     return out
 
 
