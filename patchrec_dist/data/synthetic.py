@@ -67,6 +67,9 @@ class SyntheticSpec:
     tie_rate: float = 0.01  # share of steps inside a user's history that take zero seconds
     start_spread_days: int = 730  # users start uniformly over this many days after start_time
     duplicate_titles: float = 0.01  # share of items whose title copies another item's title
+    # which item ids are popular (the Zipf ranks' order); None: drawn from `seed`. Logs generated in
+    # parts with their own seeds share one popularity order by sharing this (bench/shard.py)
+    popularity_seed: int | None = None
 
 
 # MovieLens-100K genre list, in u.item flag order ("unknown" first).
@@ -241,13 +244,16 @@ def _items_frame(spec: SyntheticSpec, rng: np.random.Generator) -> pl.DataFrame:
 # interactions
 
 
-def _zipf_items(n_rows: int, n_items: int, a: float, rng: np.random.Generator) -> np.ndarray:
+def _zipf_items(n_rows: int, n_items: int, a: float, rng: np.random.Generator,
+                popularity_seed: int | None = None) -> np.ndarray:
     weights = np.arange(1, n_items + 1, dtype=np.float64) ** (-a)
     cdf = np.cumsum(weights)
     cdf /= cdf[-1]
     ranks = np.searchsorted(cdf, rng.random(n_rows), side="right")
     np.minimum(ranks, n_items - 1, out=ranks)  # guards the float edge u == cdf[-1]
     id_of_rank = rng.permutation(n_items).astype(np.int64) + 1  # popularity is not id order
+    if popularity_seed is not None:  # drawn from RNG above all the same, so other draws do not move
+        id_of_rank = np.random.default_rng(popularity_seed).permutation(n_items).astype(np.int64) + 1
     return id_of_rank[ranks]
 
 
@@ -304,7 +310,7 @@ def generate_log(spec: SyntheticSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
     user_idx = block_user[block_of_row]  # 0-based user index per row
     del block_of_row
     n_rows = len(user_idx)
-    item = _zipf_items(n_rows, spec.items, spec.zipf_a, rng)
+    item = _zipf_items(n_rows, spec.items, spec.zipf_a, rng, spec.popularity_seed)
     rating = _ratings(user_idx, item, spec, rng)
     timestamp = _timestamps(lengths_by_block, starts[block_user], spec, rng)
 
