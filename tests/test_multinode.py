@@ -23,8 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from patchrec_dist.data.synthetic import generate_log, write_log
 from patchrec_dist.monitor.tensorboard import read_scalars
 from tests.distlaunch import launch
+from tests.test_sharding_bounded import TABLE_COLS, _files
+from tests.test_sharding_ray import EXTRA, SPEC
 from tests.test_slurm import TERMINAL, bounded_wait, job_info, job_log, train_flags
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slurm, pytest.mark.s3]
@@ -358,3 +361,119 @@ def test_two_node_run_resumed_on_one_node_with_universal(cluster, s3, root, jobs
     assert {r for r, s in seen if s <= stopped} == {0, 1} and {r for r, s in seen if s > stopped} == {0}
     assert len(after) == len(set(after)) == (steps - stopped) * 4, (len(after), stopped)  # 1 rank x 4 a step
     assert not set(before) & set(after)
+
+
+def ray_processes(node: str) -> list[str]:
+    """Ray's processes still running on NODE (those in its network namespace): pid and command line."""
+    want = os.stat(f"/run/netns/patchrec-{node}").st_ino
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino != want:
+                continue
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if re.search(r"\bray\b|raylet|gcs_server|ray::|default_worker", cmd):
+            found.append(f"{pid} {cmd[:200]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def shard_args(s3, root) -> list[str]:
+    """The flags of tools/shard_histories.py for a small synthetic Parquet log on the cluster's S3 (24,000
+    interactions: 3 input chunks, 4 buckets, several byte-sized shards), --output left out."""
+    paths = write_log(*generate_log(SPEC), root / "shard-raw", "parquet")
+    inp = {k: s3["url"](f"shard-in/{Path(p).name}") for k, p in paths.items()}
+    for k, p in paths.items():
+        s3["fs"].put_file(p, inp[k])
+    return ["--format", "table", "--input", inp["interactions"], "--items", inp["items"], *TABLE_COLS, *EXTRA]
+
+
+def s3_files(s3, url: str) -> list[str]:
+    s3["fs"].invalidate_cache()
+    try:
+        return sorted(s3["fs"].find(url.removeprefix("s3://")))
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.timeout(300)
+def test_shard_sh_runs_the_ray_engine_on_two_nodes_like_the_local_engine(cluster, s3, root, jobs, shard_args):
+    """`sbatch --nodes=2 slurm/shard.sh`: a Ray head on node 1 and a Ray worker on node 2 (`ray start
+    --block` in srun steps, each node advertising its own bridge address), the driver on node 1
+    (`--engine ray`), input and output on S3 (moto on the bridge; the nodes share no disk). The job
+    exits 0 with tasks run on both nodes, writes the bytes `--engine local` writes from the same
+    input, leaves no staging files, and stops Ray on both nodes before it ends."""
+    args = shard_args
+    # the reference: --engine local on this host, same input (from S3), written locally
+    local = subprocess.run([sys.executable, str(REPO / "tools" / "shard_histories.py"), *args, "--output",
+                            str(root / "shard-local")], env={**os.environ, **cluster["env"], "PYTHONPATH": str(REPO)},
+                           capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0, local.stderr[-3000:]
+    want = _files(root / "shard-local")
+    assert sum(k.endswith(".tar") for k in want) > 2
+
+    logs, out = root / "shard", s3["url"]("shard-ray")
+    job = sbatch("shard.sh", logs, job_env(cluster, SHARD_ARGS=" ".join([*args, "--output", out])))
+    jobs.append(job)
+    info = wait_finished(job, 240, restarts="0")
+    log = job_log(logs, job)
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (info, log[-4000:])
+    assert "Ray: 2 node(s) joined at 10.77.0.11:6379: 10.77.0.11 10.77.0.12" in log, log[-4000:]
+    assert re.search(r"Ray tasks on 2 node\(s\)", log), log[-4000:]  # the tool's own count: both nodes ran tasks
+    assert "shard_histories.py exited with 0" in log and "Ray stopped on every node" in log, log[-4000:]
+    for node in ("node1", "node2"):
+        assert ray_processes(node) == [], (node, ray_processes(node))
+
+    found = s3_files(s3, out)
+    assert not [p for p in found if "_staging-" in p], found
+    s3["fs"].get(out.removeprefix("s3://") + "/", str(root / "shard-ray") + "/", recursive=True)
+    got = _files(root / "shard-ray")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == want[name], name
+
+
+@pytest.mark.timeout(240)
+def test_shard_sh_ends_with_the_tools_exit_status_and_stops_ray(cluster, s3, root, jobs):
+    """A run the tool refuses (its input does not exist: exit status 2) is the job's status, and Ray is
+    stopped on both nodes all the same."""
+    logs = root / "shard-bad"
+    args = ["--format", "table", "--input", s3["url"]("shard-in/missing.parquet"), "--items",
+            s3["url"]("shard-in/missing-items.parquet"), *TABLE_COLS, "--output", s3["url"]("shard-bad")]
+    job = sbatch("shard.sh", logs, job_env(cluster, SHARD_ARGS=" ".join(args)))
+    jobs.append(job)
+    info = wait_finished(job, 180, restarts="0")
+    log = job_log(logs, job)
+    assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "2:0", (info, log[-4000:])
+    assert "shard_histories: error:" in log and "missing.parquet" in log, log[-4000:]
+    assert "shard_histories.py exited with 2" in log and "Ray stopped on every node" in log, log[-4000:]
+    for node in ("node1", "node2"):
+        assert ray_processes(node) == [], (node, ray_processes(node))
+
+
+@pytest.mark.timeout(240)
+def test_shard_sh_stopped_by_scancel_leaves_nothing_on_s3_and_stops_ray(cluster, s3, root, jobs, shard_args):
+    """`scancel --batch --signal=TERM` once the tool has written staging files to S3: the batch shell
+    passes it to the tool as SIGINT, the tool stops and removes what it wrote, the job ends with the
+    tool's status (130), and Ray is stopped on both nodes."""
+    logs, out = root / "shard-stop", s3["url"]("shard-stop")
+    job = sbatch("shard.sh", logs, job_env(cluster, SHARD_ARGS=" ".join([*shard_args, "--output", out])))
+    jobs.append(job)
+
+    def staging_written() -> bool:
+        if job_info(job).get("JobState") in TERMINAL:
+            raise AssertionError(f"job {job} ended early:\n{job_log(logs, job)[-4000:]}")
+        return any("_staging-" in p for p in s3_files(s3, out))
+
+    bounded_wait(staging_written, 120, "the tool's first staging files on S3")
+    assert subprocess.run(["scancel", "--batch", "--signal=TERM", job], timeout=30).returncode == 0
+    info = wait_finished(job, 120, restarts="0")
+    log = job_log(logs, job)
+    assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "130:0", (info, log[-4000:])
+    assert "batch shell got SIGTERM" in log and "KeyboardInterrupt" in log, log[-4000:]
+    assert "shard_histories.py exited with 130" in log and "Ray stopped on every node" in log, log[-4000:]
+    assert s3_files(s3, out) == []
+    for node in ("node1", "node2"):
+        assert ray_processes(node) == [], (node, ray_processes(node))
