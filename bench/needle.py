@@ -1,6 +1,6 @@
 """A needle in a long history: what each prompt layout keeps of an item k positions back.
 
-    python bench/needle.py                                  # tiny model on CPU, about 25 min here
+    python bench/needle.py                                  # tiny model on CPU, about 15 min here
     python bench/needle.py --model smollm2 --steps 3000 --lr 1e-4 --ranks 2 --needles 32
 
 Every user's one target is set by a single "needle" item k positions before it (a fixed random
@@ -9,7 +9,7 @@ needle -> target map); the rest of the history is Zipf filler (data/synthetic.py
 its own split column), then the same model is fine-tuned for the same steps on the same
 examples under each layout (text with the last 20 items, PFT-I(5), PFT-S(g), a 512-position
 budget; text with the whole history where it fits) and evaluated with the normal constrained
-evaluation. A layout that drops item k scores chance (1 / needles) at that k; one that keeps
+evaluation (10 beams, top 10: HR@1 and HR@10 are what the task reads). A layout that drops item k scores chance (1 / needles) at that k; one that keeps
 it can learn the map. Writes bench/results/needle.json (`results[layout][k]`: HR@1, HR@10,
 examples, and the layout's mean positions fed) and needle.png (HR@1 against k). Runs go
 through the launchers with the demo's machinery, so a rerun resumes where it stopped.
@@ -105,7 +105,7 @@ def run_needle(args: argparse.Namespace) -> dict:
     folder = Path(args.work) / f"task-{hashlib.sha256(spec_blob.encode()).hexdigest()[:10]}"
     cfg = DemoConfig(output=str(folder), model=args.model, ranks=args.ranks, cpu=args.cpu, micro_batch=args.micro_batch,
                      max_history=0, finetune_steps=args.steps, finetune_lr=args.lr, eval_examples=0,
-                     eval_batch=16, baselines="", pretrain_steps=0)
+                     eval_batch=64, beams=10, top_k=10, baselines="", pretrain_steps=0)  # HR@10 needs 10 beams
     cfg.check()
     demo = Demo(cfg)
     t0 = time.perf_counter()

@@ -56,6 +56,7 @@ class DemoConfig:
     group_size: int = flag(5, "PFT-S g: text items = item patches = items per session patch")
     eval_examples: int = flag(64, "first N test examples evaluated (the same users for every model); 0: all")
     beams: int = flag(20, "beam width of the constrained title search")
+    top_k: int = flag(20, "titles returned per example: metrics at K up to it (the report's columns need 20)")
     eval_batch: int = flag(8, "examples per generation batch on each rank")
     eval_untrained: bool = flag(True, "also evaluate the base model before training")
     baselines: str = flag("popularity,sasrec", "comma-separated baselines on the same test users ('' for none)")
@@ -69,10 +70,10 @@ class DemoConfig:
     def check(self) -> None:
         for name, minimum in (("ranks", 1), ("micro_batch", 1), ("pretrain_micro_batch", 1),
                               ("pretrain_max_history", 0), ("pretrain_steps", 0), ("finetune_steps", 1),
-                              ("group_size", 1), ("eval_examples", 0), ("beams", 20), ("eval_batch", 1),
-                              ("max_history", 0)):
+                              ("group_size", 1), ("eval_examples", 0), ("top_k", 1), ("beams", self.top_k),
+                              ("eval_batch", 1), ("max_history", 0)):
             if getattr(self, name) < minimum:
-                what = "(top-20 metrics need 20 beams)" if name == "beams" else ""
+                what = " (--top-k titles need as many beams)" if name == "beams" else ""
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}{what}; got {getattr(self, name)}")
         unknown = set(self.baseline_names()) - {"popularity", "sasrec"}
         if unknown:
@@ -167,7 +168,7 @@ class Demo:
         metrics = output / "metrics.json"
         if not metrics.exists():
             flags = ["--data", data, *source, "--output", str(output), "--beams", str(self.cfg.beams),
-                     "--batch-size", str(self.cfg.eval_batch), "--max-history", str(self.cfg.max_history),
+                     "--top-k", str(self.cfg.top_k), "--batch-size", str(self.cfg.eval_batch), "--max-history", str(self.cfg.max_history),
                      *self.subset_flags(masked)]
             self.timings[f"eval {name}"] = self.launch(f"eval-{name}", "launchers/evaluate.py", flags, self.cfg.ranks)
         return json.loads(metrics.read_text())
