@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     task.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="bench/work/needle", help="data, runs and logs (a rerun resumes from here)")
     p.add_argument("--results", default="bench/results")
+    p.add_argument("--name", default="needle", help="writes RESULTS/NAME.json and NAME.png")
+    p.add_argument("--check-args", action="store_true", help="check the arguments and exit (bench/gpu_check.sh --dry-run)")
     args = p.parse_args(argv)
     unknown = [x for x in args.layouts.split(",") if x not in LAYOUTS]
     if unknown:
@@ -115,6 +117,15 @@ def run_needle(args: argparse.Namespace) -> dict:
     demo.reset_runs_if_config_changed()
     results: dict[str, dict] = {}
     overall: dict[str, dict] = {}
+    result = {
+        "benchmark": "needle",
+        "command": " ".join(["python bench/needle.py", *sys.argv[1:]]),
+        "task": dataclasses.asdict(args.spec),
+        "chance": {"HR@1": round(1 / args.spec.needles, 4), "HR@10": round(min(1.0, 10 / args.spec.needles), 4)},
+        "model": args.model, "steps": args.steps, "lr": args.lr, "micro_batch": args.micro_batch, "ranks": args.ranks,
+        "train_examples": int((users["split"] == "train").sum()), "machine": machine_summary(args.cpu),
+        "results": results, "overall": overall, "complete": False,
+    }
     for layout in args.layouts.split(","):
         label = layout.replace("(", "").replace(")", "")
         run = demo.train(f"ft-{label}", "launchers/finetune.py",
@@ -127,22 +138,18 @@ def run_needle(args: argparse.Namespace) -> dict:
         overall[layout] = {"HR@1": metrics["metrics"]["HR@1"], "HR@10": metrics["metrics"]["HR@10"],
                            "positions_fed_per_example": fed,
                            "text_positions_per_example": metrics["text_positions_per_example"]}
-    result = {
-        "benchmark": "needle",
-        "command": " ".join(["python bench/needle.py", *sys.argv[1:]]),
-        "task": dataclasses.asdict(args.spec),
-        "chance": {"HR@1": round(1 / args.spec.needles, 4), "HR@10": round(min(1.0, 10 / args.spec.needles), 4)},
-        "model": args.model, "steps": args.steps, "lr": args.lr, "micro_batch": args.micro_batch, "ranks": args.ranks,
-        "train_examples": int((users["split"] == "train").sum()), "machine": machine_summary(args.cpu),
-        "results": results, "overall": overall,
-        "timings_s": {k: round(v, 1) for k, v in demo.timings.items()},
-        "total_s": round(time.perf_counter() - t0, 1),
-    }
-    out = Path(args.results)
-    storage.write_bytes_atomic(str(out / "needle.json"), (json.dumps(result, indent=2) + "\n").encode())
-    plot(result, out / "needle.png")
+        result["complete"] = layout == args.layouts.split(",")[-1]
+        save(result, demo, t0, Path(args.results) / args.name)  # after every layout: a run cut short keeps them
     print_table(result)
     return result
+
+
+def save(result: dict, demo: Demo, t0: float, stem: Path) -> None:
+    """STEM.json and STEM.png, each replaced atomically."""
+    result["timings_s"] = {k: round(v, 1) for k, v in demo.timings.items()}
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    storage.write_bytes_atomic(f"{stem}.json", (json.dumps(result, indent=2) + "\n").encode())
+    plot(result, Path(f"{stem}.png"))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -183,4 +190,6 @@ def print_table(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_needle(parse_args())
+    args = parse_args()
+    if not args.check_args:
+        run_needle(args)

@@ -185,6 +185,16 @@ def main() -> int:
               "what": "median seconds per optimizer step (1 rank, ZeRO-3), steps after the first two; "
                       "runs[model][micro_batch_N][packed|padded][stage]", "runs": {}, "summary": {}}
     packings = [p == "on" for p in args.packing.split(",")]
+    result["target"] = {"smollm2_micro_batch_8_packed_step_time_ratio": 0.20}
+    result["complete"] = False
+
+    def save() -> None:
+        """Rewrite --out after every run: a run cut short (a lent GPU's time limit) keeps what finished."""
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = f"{args.out}.tmp"
+        Path(tmp_out).write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp_out, args.out)
+
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or default_data(tmp)
         result["data"] = args.data or "MovieLens-100K (recbole wheel), train split, 100-item window"
@@ -201,19 +211,20 @@ def main() -> int:
                                               packing=packing)
                         pair[stage]["mfu"] = mfu(pair[stage]["tokens_per_s"], row["parameters"], device)
                         print(f"{name}: {pair[stage]['median_s']['step_s']:.3f} s/step", file=sys.stderr)
+                        result["runs"][model] = row
+                        save()
                 result["summary"].setdefault(model, {})[f"micro_batch_{micro}"] = summarise(cell)
             result["runs"][model] = row
-        if args.compare_precision:
-            model = args.models.split(",")[0]
-            source = model_source(model, tmp, args.llama_layers)
-            micro = int(args.micro_batches.split(",")[0])
-            losses = {name: run_one(data, source, "pft-s", 1, micro, os.path.join(tmp, f"precision-{name}"),
-                                    ("--bf16", flag), first_loss_only=True)["loss"] for name, flag in (("fp32", "false"), ("bf16", "true"))}
-            result["precision"] = {"model": model, "stage": "pft-s", "first_step_loss": losses,
-                                   "relative_difference": round(abs(losses["bf16"] - losses["fp32"]) / losses["fp32"], 5)}
-    result["target"] = {"smollm2_micro_batch_8_packed_step_time_ratio": 0.20}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            if args.compare_precision and model == args.models.split(",")[0]:  # before a larger model's runs
+                micro = int(args.micro_batches.split(",")[0])
+                losses = {name: run_one(data, source, "pft-s", 1, micro, os.path.join(tmp, f"precision-{name}"),
+                                        ("--bf16", flag), first_loss_only=True)["loss"]
+                          for name, flag in (("fp32", "false"), ("bf16", "true"))}
+                result["precision"] = {"model": model, "stage": "pft-s", "first_step_loss": losses,
+                                       "relative_difference": round(abs(losses["bf16"] - losses["fp32"]) / losses["fp32"], 5)}
+                save()
+    result["complete"] = True
+    save()
     print(json.dumps({m: {mb: c["step_time_ratio"] for mb, c in r.items()} for m, r in result["summary"].items()}))
     return 0
 

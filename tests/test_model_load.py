@@ -93,3 +93,21 @@ def test_unknown_config_key_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--config", str(cfg_file)])
     assert "learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, enabled", [({}, False), ({"USE_HUB_KERNELS": "YES"}, True)])
+def test_hub_kernels_are_off_unless_the_user_turns_them_on(env, enabled):
+    """With `kernels` installed, transformers fetches Hub kernels at every CUDA model load; on an
+    H200 that stopped every run ("could not verify publisher trust status"). patchrec_dist turns
+    them off by default, in every process that imports it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import patchrec_dist; from transformers.integrations.hub_kernels import _kernels_enabled; "
+            "print(_kernels_enabled())")
+    base = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    proc = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == str(enabled)
