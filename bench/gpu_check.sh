@@ -169,7 +169,7 @@ fi
 # 2. the train step on the GPU (bf16 is the CUDA default); the JSON is rewritten after every run, so a
 # run cut short by its limit still returns the runs it finished
 run train-step 180 $PY bench/train_step.py --data "$DATA" --models smollm2,llama1b --steps 5 --micro-batches 8 \
-  --packing on,off --compare-precision --out "$RESULTS/train_step-gpu.json"
+  --packing on,off --compare-precision --profile --out "$RESULTS/train_step-gpu.json"
 
 # 3. the needle task (bench/needle.py) with SmolLM2 on the GPU, through the demo's own path (fine-tune,
 # export, constrained evaluation with 10 beams): 32 needles, so that HR@10 reads too (chance 0.31);

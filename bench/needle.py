@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (3e-3 for tiny; about 1e-4 for a "
                                                           "pre-trained model)")
     p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--tiny-hidden", type=int, default=64, help="the tiny model's hidden size")
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--cpu", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"comma-separated, from {', '.join(LAYOUTS)}")
@@ -130,7 +131,8 @@ def run_needle(args: argparse.Namespace) -> dict:
         label = layout.replace("(", "").replace(")", "")
         run = demo.train(f"ft-{label}", "launchers/finetune.py",
                          ["--data", data, "--model", model, *LAYOUTS[layout], "--max-steps", str(args.steps),
-                          "--lr", str(args.lr), "--warmup-ratio", "0.05", "--grad-clip", "1.0"])
+                          "--lr", str(args.lr), "--warmup-ratio", "0.05", "--grad-clip", "1.0",
+                          *(["--tiny-hidden", str(args.tiny_hidden)] if args.model == "tiny" else [])])
         metrics = demo.evaluate(label, data, ["--run", run], Path(run) / "eval-test", exclude_seen=False)
         fed = metrics["positions_fed_per_example"]
         per_k = hits_by_distance(str(Path(run) / "eval-test" / "predictions.jsonl"), users, ks=(1, 10))

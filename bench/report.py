@@ -80,6 +80,19 @@ def speed_rows(r: dict[str, dict]) -> list[str]:
                             f"{shares['optimizer']:.0%}, fixed forward+backward "
                             f"{c['forward_backward_fit']['fixed_share_of_pft_s_step']:.0%} | `{t['command']}` | "
                             f"{_machine(t['machine'])} |")
+    if "train_step-gpu" in r:
+        t = r["train_step-gpu"]
+        cut = "" if t.get("complete", True) else "; the run was cut short by its time limit after these"
+        for model, row in t["runs"].items():
+            for mb, cell in row.items():
+                if not mb.startswith("micro_batch_"):
+                    continue
+                parts = "; ".join(f"{packing}: text {pair['text']['median_s']['step_s']:.3g} s, pft-s "
+                                  f"{pair['pft-s']['median_s']['step_s']:.3g} s (MFU {pair['text']['mfu']:.1%}, "
+                                  f"{pair['pft-s']['mfu']:.1%})" for packing, pair in cell.items()
+                                  if "text" in pair and "pft-s" in pair)
+                rows.append(f"| train step on a GPU, {model}, micro-batch {mb.rsplit('_', 1)[1]}, bf16, ZeRO-3, "
+                            f"1 GPU{cut} | {parts} | `{t['command']}` | {_machine(t['machine'])} |")
     if "checkpoint" in r:
         c = r["checkpoint"]
         for model, m in c["models"].items():

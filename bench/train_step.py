@@ -85,14 +85,14 @@ def default_data(tmp: str) -> str:
 
 
 def run_one(data: str, model: str, stage: str, steps: int, micro: int, out: str, extra: tuple[str, ...] = (),
-            first_loss_only: bool = False, packing: bool = True) -> dict:
+            first_loss_only: bool = False, packing: bool = True, profile: bool = False) -> dict:
     import torch
 
     cmd = [sys.executable, "-m", "patchrec_dist.launch", "--nproc", "1", *([] if torch.cuda.is_available() else ["--cpu"]),
            "launchers/finetune.py", "--data", data, "--model", model, "--stage", stage, "--group-size", "5",
            "--output", out, "--max-steps", str(steps), "--micro-batch", str(micro), "--num-workers", "1",
            "--max-history", "100", "--export", "false", "--lr", "1e-5", "--seed", "0", "--resume", "never",
-           "--packing", str(packing).lower(), *extra]
+           "--packing", str(packing).lower(), *(["--profile-steps", str(steps)] if profile else []), *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{model}/{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -102,16 +102,29 @@ def run_one(data: str, model: str, stage: str, steps: int, micro: int, out: str,
     if first_loss_only:  # the precision comparison
         return {"loss": s["train/loss"][0][1]}
     skip = 2  # the first steps include DataLoader start-up and allocator warm-up
-    med = {p: statistics.median(v for step, v in s[f"time/{p}"] if step > skip) for p in PARTS}
-    tokens = statistics.median(v for step, v in s["train/tokens_per_s"] if step > skip)
-    positions = statistics.median(v for step, v in s["train/positions_per_s"] if step > skip)
+    last = steps - 1 if profile else steps  # the profiled last step runs slower: not timed
+
+    def timed(values):
+        return statistics.median(v for step, v in values if skip < step <= last)
+
+    med = {p: timed(s[f"time/{p}"]) for p in PARTS}
+    tokens = timed(s["train/tokens_per_s"])
+    positions = timed(s["train/positions_per_s"])
     compression = statistics.median(v for _, v in s["train/compression"])
     # the same examples in both stages (same seed and data): per-run totals over all steps compare exactly
     return {"median_s": {k: round(v, 4) for k, v in med.items()}, "positions_per_s": round(positions, 1),
             "tokens_per_s": round(tokens, 1), "compression": round(compression, 3), "steps": steps,
             "micro_batch": micro, "packing": packing,
             "input_positions": int(sum(v for _, v in s["train/input_positions"])),
-            "padding_frac": round(statistics.median(v for _, v in s["train/padding_frac"]), 4)}
+            "padding_frac": round(statistics.median(v for _, v in s["train/padding_frac"]), 4),
+            **({"profile": top_ops(os.path.join(out, "profile", "ops.json"))} if profile else {})}
+
+
+def top_ops(path: str, n: int = 12) -> dict:
+    """The profiled step's N operators with the most self time (the trainer's --profile-steps)."""
+    table = json.loads(Path(path).read_text())
+    return {"step": table["steps"][0], "sorted_by": table["sorted_by"], "total_self_cpu_ms": table["total_self_cpu_ms"],
+            "total_self_device_ms": table["total_self_device_ms"], "ops": table["ops"][:n]}
 
 
 def summarise(runs: dict[str, dict]) -> dict:
@@ -161,6 +174,8 @@ def main() -> int:
     p.add_argument("--data", default=None, help="data set (default: MovieLens-100K from the recbole wheel)")
     p.add_argument("--llama-layers", type=int, default=16, help="llama1b: depth (16 in Llama-3.2-1B)")
     p.add_argument("--compare-precision", action="store_true", help="the first model: one step fp32, one bf16")
+    p.add_argument("--profile", action="store_true", help="profile each run's last step (torch.profiler; "
+                                                              "not timed): its top operators go into the JSON")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step.json"))
     p.add_argument("--check-args", action="store_true", help="check the arguments and exit (bench/gpu_check.sh --dry-run)")
     args = p.parse_args()
@@ -173,8 +188,8 @@ def main() -> int:
         p.error(f"--packing {args.packing}: expected on, off or on,off")
     if not all(m.isdigit() and int(m) > 0 for m in args.micro_batches.split(",")):
         p.error(f"--micro-batches {args.micro_batches}: expected positive integers, comma-separated")
-    if args.steps < 3:
-        p.error("--steps must be >= 3 (the first two are warm-up)")
+    if args.steps < 3 + args.profile:
+        p.error(f"--steps must be >= {3 + args.profile} (the first two are warm-up{', the last profiled' if args.profile else ''})")
     if args.check_args:
         return 0
     import torch
@@ -208,7 +223,7 @@ def main() -> int:
                     for stage in ("text", "pft-s"):
                         name = f"{model}-mb{micro}-{'packed' if packing else 'padded'}-{stage}"
                         pair[stage] = run_one(data, source, stage, args.steps, micro, os.path.join(tmp, name),
-                                              packing=packing)
+                                              packing=packing, profile=args.profile)
                         pair[stage]["mfu"] = mfu(pair[stage]["tokens_per_s"], row["parameters"], device)
                         print(f"{name}: {pair[stage]['median_s']['step_s']:.3f} s/step", file=sys.stderr)
                         result["runs"][model] = row

@@ -62,6 +62,16 @@ AttentionInterface.register(VARLEN_SDPA, sdpa_varlen_attention)
 AttentionMaskInterface.register(VARLEN_SDPA, sdpa_varlen_mask)
 
 
+def packing_by_default(device_type: str, attn_implementation: str) -> bool:
+    """Whether a run packs its micro-batches when --packing is not given. On CPU ranks packing is
+    the faster layout (bench/train_step.py, SmolLM2 micro-batch 8: a text step 19.0 s packed
+    against 29.8 s padded, a PFT-S step 6.5 s against 7.1 s). On CUDA, flash_attention_2's varlen
+    kernel takes a packed row in one call; sdpa_varlen's per-example loop (a host read of the
+    bounds and one kernel per example and layer) made SmolLM2's steps 2.6x slower than padding on
+    an H200 (bench/results/train_step-gpu.json), so CUDA with sdpa pads."""
+    return device_type != "cuda" or attn_implementation == "flash_attention_2"
+
+
 def attention_for_training(requested: str, packing: bool) -> str:
     """The kernel a training run builds its model with: sdpa becomes sdpa_varlen when micro-batches
     are packed (the same numbers, without the dense block mask); every other choice is kept."""

@@ -28,7 +28,9 @@ from patchrec_dist.data.manifest import DataSetError, load_manifest
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
 from patchrec_dist.model.answer_logits import logits_at
 from patchrec_dist.model.load import build_model, load_tokenizer
+from patchrec_dist.model.packed_attention import packing_by_default
 from patchrec_dist.model.patch_embed import embed_with_patches
+from patchrec_dist.monitor.profile import StepProfiler
 from patchrec_dist.monitor.tensorboard import Monitor, upload_logdir
 from patchrec_dist.patching.collate import Batch, Collator
 from patchrec_dist.patching.features import Patcher
@@ -293,6 +295,8 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_s)
         if cfg.bf16 is None:  # resolved once, so config.json (and the export) say what ran
             cfg.bf16 = self.device.type == "cuda"
+        if cfg.packing is None:
+            cfg.packing = packing_by_default(self.device.type, cfg.attn_implementation)
         self.config_hash = cfg.hash(ignore=RESUME_NEUTRAL)
         self.stop = StopFlag()  # early: a signal during set-up is honoured at the first step
         torch.manual_seed(cfg.seed)
@@ -389,12 +393,15 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         source = self._logged(micro_batch_source(self.loader, self.patcher, self.counters))
         exit_code = 0
+        profiler = StepProfiler(cfg.profile_steps, cfg.output, enabled=self.rank == 0)
         engine.train()
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             self._step_examples: list = []
+            profiler.begin(self.step + 1)
             stats = train_step(engine, source, cfg.grad_accum, self.world, self.device)
             self.step += 1
+            profiler.end(self.step)
             dt = time.perf_counter() - t0
             if cfg.log_examples:
                 self.log_examples(self._step_examples)
