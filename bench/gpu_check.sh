@@ -12,7 +12,9 @@
 #      answer-logits loss's memory with a 128k vocabulary on CUDA      -> gpu-tests-gpu.json (junit: gpu-tests-gpu.xml)
 #   2. bench/train_step.py: SmolLM2-135M and a random Llama of Llama-3.2-1B's shape, bf16 (the CUDA
 #      default), ZeRO-3, 1 GPU, packed and padded: step times, tokens/s, MFU against the chip's bf16
-#      peak; and one step fp32 against one bf16 on the same batch     -> train_step-gpu.json
+#      peak; and one step fp32 against one bf16 on the same batch; each run's last step profiled
+#                                                                       -> train_step-gpu.json
+#      before it, SmolLM2 padded under ZeRO-2, profiled too            -> train_step-zero2-gpu.json
 #   3. bench/needle.py with SmolLM2 on 1 GPU, the demo's own path (fine-tune, export, constrained
 #      evaluation): text(20), pft-s(5), pft-s(10), 32 needles        -> needle-smollm2-gpu.json
 #
@@ -165,6 +167,11 @@ json.dump({"device": device, "tests": cases}, open(f"{results}/gpu-tests-gpu.jso
 print(cases)
 PYEOF
 fi
+
+# 2a. SmolLM2 padded under ZeRO-2: on the first H200 run ZeRO-3 steps took 0.5 s, and on CPU ZeRO-3's
+# partition bookkeeping is half of a small model's step (bench/needle.py's --ds-config note)
+run train-step-zero2 75 $PY bench/train_step.py --data "$DATA" --models smollm2 --steps 5 --micro-batches 8 \
+  --packing off --ds-config ds_configs/zero2.json --profile --out "$RESULTS/train_step-zero2-gpu.json"
 
 # 2. the train step on the GPU (bf16 is the CUDA default); the JSON is rewritten after every run, so a
 # run cut short by its limit still returns the runs it finished

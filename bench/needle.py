@@ -1,7 +1,8 @@
 """A needle in a long history: what each prompt layout keeps of an item k positions back.
 
-    python bench/needle.py                                  # tiny model on CPU, about 15 min here
-    python bench/needle.py --model smollm2 --steps 3000 --lr 1e-4 --ranks 2 --needles 32
+    python bench/needle.py                                  # tiny model on CPU, under 15 min here
+    python bench/needle.py --layouts "pft-s(2),pft-s(5),pft-s(10)" --name needle-g   # session size g
+    python bench/needle.py --model smollm2 --cpu false --lr 2e-4 --needles 32 --micro-batch 32  # a GPU
 
 Every user's one target is set by a single "needle" item k positions before it (a fixed random
 needle -> target map); the rest of the history is Zipf filler (data/synthetic.py,
@@ -45,7 +46,7 @@ LAYOUTS = {
     "pft-s(10)": ["--stage", "pft-s", "--group-size", "10"],
     "budget(512)": ["--stage", "budget", "--max-positions", "512"],
 }
-DEFAULT_LAYOUTS = "text(20),pft-i(5),pft-s(5),pft-s(10),budget(512)"
+DEFAULT_LAYOUTS = "text(20),pft-i(5),pft-s(5),budget(512)"  # the g sweep: --layouts "pft-s(2),pft-s(5),pft-s(10)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "pre-trained model)")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--tiny-hidden", type=int, default=64, help="the tiny model's hidden size")
+    # ZeRO-2 by default: on one rank nothing is worth partitioning, and ZeRO-3's per-parameter
+    # gathers, fills and partition copies were half of the tiny model's step (0.131 s against
+    # 0.066 s with ZeRO-2, pft-s(5), micro-batch 16, --profile-steps on 2 CPU cores)
+    p.add_argument("--ds-config", default="ds_configs/zero2.json", help="DeepSpeed config of every layout's run")
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--cpu", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"comma-separated, from {', '.join(LAYOUTS)}")
@@ -108,7 +113,8 @@ def run_needle(args: argparse.Namespace) -> dict:
     folder = Path(args.work) / f"task-{hashlib.sha256(spec_blob.encode()).hexdigest()[:10]}"
     cfg = DemoConfig(output=str(folder), model=args.model, ranks=args.ranks, cpu=args.cpu, micro_batch=args.micro_batch,
                      max_history=0, finetune_steps=args.steps, finetune_lr=args.lr, eval_examples=0,
-                     eval_batch=64, beams=10, top_k=10, baselines="", pretrain_steps=0)  # HR@10 needs 10 beams
+                     eval_batch=64, beams=10, top_k=10, baselines="", pretrain_steps=0,  # HR@10 needs 10 beams
+                     ds_config=args.ds_config)
     cfg.check()
     demo = Demo(cfg)
     t0 = time.perf_counter()
@@ -124,6 +130,7 @@ def run_needle(args: argparse.Namespace) -> dict:
         "task": dataclasses.asdict(args.spec),
         "chance": {"HR@1": round(1 / args.spec.needles, 4), "HR@10": round(min(1.0, 10 / args.spec.needles), 4)},
         "model": args.model, "steps": args.steps, "lr": args.lr, "micro_batch": args.micro_batch, "ranks": args.ranks,
+        "ds_config": args.ds_config,
         "train_examples": int((users["split"] == "train").sum()), "machine": machine_summary(args.cpu),
         "results": results, "overall": overall, "complete": False,
     }

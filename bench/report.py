@@ -199,22 +199,30 @@ def demo_table(r: dict[str, dict]) -> list[str]:
 
 
 def needle_table(r: dict[str, dict]) -> list[str]:
-    """HR@1 (HR@10) per needle distance k, one row per layout."""
-    n = r.get("needle")
-    if not n:
-        return []
-    t = n["task"]
-    ks = sorted({k for per_k in n["results"].values() for k in per_k}, key=int)
-    out = ["", f"**Needle task** ({n['train_examples']:,} train users, histories of {t['min_history']} to "
-           f"{t['max_history']} items, {t['needles']} needles: chance HR@1 {n['chance']['HR@1']:.3f}): {n['model']}, "
-           f"{n['steps']} fine-tuning steps per layout (micro-batch {n['micro_batch']} x {n['ranks']} ranks, lr "
-           f"{n['lr']}); `{n['command']}` on {_machine(n['machine'])}, {n['total_s'] / 60:.0f} min. HR@1 "
-           "(HR@10) of the target by the needle's distance k. Plot: `bench/results/needle.png`.", "",
-           "| layout | positions fed | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-    for layout, per_k in n["results"].items():
-        fed = n["overall"][layout]["positions_fed_per_example"]
-        cells = [f"{per_k[k]['HR@1']:.2f} ({per_k[k]['HR@10']:.2f})" if k in per_k else "-" for k in ks]
-        out.append(f"| {layout} | {fed:.0f} | " + " | ".join(cells) + " |")
+    """HR@1 per needle distance k, one row per layout, for every needle*.json; HR@10 beside it
+    where it can tell layouts apart (fewer than 10 needles: 10 guesses cover them all)."""
+    out = []
+    for key in sorted(k for k in r if k.startswith("needle")):
+        n = r[key]
+        t = n["task"]
+        with_hr10 = n["chance"]["HR@10"] < 1
+        ks = sorted({k for per_k in n["results"].values() for k in per_k}, key=int)
+        what = ("HR@1 (HR@10, chance " + f"{n['chance']['HR@10']:.2f})" if with_hr10 else
+                f"HR@1 (HR@10 is 1.00 by construction: 10 guesses cover {t['needles']} needles)")
+        cut = "" if n.get("complete", True) else " The run was cut short: these layouts finished."
+        out += ["", f"**Needle task, `{key}`** ({n['train_examples']:,} train users, histories of {t['min_history']} "
+                f"to {t['max_history']} items, {t['needles']} needles: chance HR@1 {n['chance']['HR@1']:.3f}): "
+                f"{n['model']}, {n['steps']} fine-tuning steps per layout (micro-batch {n['micro_batch']} x "
+                f"{n['ranks']} ranks, lr {n['lr']}, `{n.get('ds_config', 'ds_configs/zero3.json')}`); "
+                f"`{n['command']}` on {_machine(n['machine'])}, "
+                f"{n['total_s'] / 60:.1f} min. {what} of the target by the needle's distance k. Plot: "
+                f"`bench/results/{key}.png`.{cut}" + (f" Note: {n['note']}." if n.get("note") else ""), "",
+                "| layout | positions fed | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+        for layout, per_k in n["results"].items():
+            fed = n["overall"][layout]["positions_fed_per_example"]
+            cells = [("-" if k not in per_k else f"{per_k[k]['HR@1']:.2f}" +
+                      (f" ({per_k[k]['HR@10']:.2f})" if with_hr10 else "")) for k in ks]
+            out.append(f"| {layout} | {fed:.0f} | " + " | ".join(cells) + " |")
     return out
 
 

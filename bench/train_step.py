@@ -85,14 +85,16 @@ def default_data(tmp: str) -> str:
 
 
 def run_one(data: str, model: str, stage: str, steps: int, micro: int, out: str, extra: tuple[str, ...] = (),
-            first_loss_only: bool = False, packing: bool = True, profile: bool = False) -> dict:
+            first_loss_only: bool = False, packing: bool = True, profile: bool = False,
+            ds_config: str = "ds_configs/zero3.json") -> dict:
     import torch
 
     cmd = [sys.executable, "-m", "patchrec_dist.launch", "--nproc", "1", *([] if torch.cuda.is_available() else ["--cpu"]),
            "launchers/finetune.py", "--data", data, "--model", model, "--stage", stage, "--group-size", "5",
            "--output", out, "--max-steps", str(steps), "--micro-batch", str(micro), "--num-workers", "1",
            "--max-history", "100", "--export", "false", "--lr", "1e-5", "--seed", "0", "--resume", "never",
-           "--packing", str(packing).lower(), *(["--profile-steps", str(steps)] if profile else []), *extra]
+           "--packing", str(packing).lower(), *(["--profile-steps", str(steps)] if profile else []),
+           "--ds-config", ds_config, *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{model}/{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -174,6 +176,8 @@ def main() -> int:
     p.add_argument("--data", default=None, help="data set (default: MovieLens-100K from the recbole wheel)")
     p.add_argument("--llama-layers", type=int, default=16, help="llama1b: depth (16 in Llama-3.2-1B)")
     p.add_argument("--compare-precision", action="store_true", help="the first model: one step fp32, one bf16")
+    p.add_argument("--ds-config", default="ds_configs/zero3.json", help="DeepSpeed config of every run (ZeRO-3: "
+                                                                          "what 1B-8B models need)")
     p.add_argument("--profile", action="store_true", help="profile each run's last step (torch.profiler; "
                                                               "not timed): its top operators go into the JSON")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step.json"))
@@ -197,6 +201,7 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     result = {"benchmark": "train_step", "command": " ".join(["python", "bench/train_step.py", *sys.argv[1:]]),
               "machine": {"device": device, "platform": platform.platform(), "torch": torch.__version__},
+              "ds_config": args.ds_config,
               "what": "median seconds per optimizer step (1 rank, ZeRO-3), steps after the first two; "
                       "runs[model][micro_batch_N][packed|padded][stage]", "runs": {}, "summary": {}}
     packings = [p == "on" for p in args.packing.split(",")]
@@ -223,7 +228,7 @@ def main() -> int:
                     for stage in ("text", "pft-s"):
                         name = f"{model}-mb{micro}-{'packed' if packing else 'padded'}-{stage}"
                         pair[stage] = run_one(data, source, stage, args.steps, micro, os.path.join(tmp, name),
-                                              packing=packing, profile=args.profile)
+                                              packing=packing, profile=args.profile, ds_config=args.ds_config)
                         pair[stage]["mfu"] = mfu(pair[stage]["tokens_per_s"], row["parameters"], device)
                         print(f"{name}: {pair[stage]['median_s']['step_s']:.3f} s/step", file=sys.stderr)
                         result["runs"][model] = row
@@ -233,7 +238,7 @@ def main() -> int:
             if args.compare_precision and model == args.models.split(",")[0]:  # before a larger model's runs
                 micro = int(args.micro_batches.split(",")[0])
                 losses = {name: run_one(data, source, "pft-s", 1, micro, os.path.join(tmp, f"precision-{name}"),
-                                        ("--bf16", flag), first_loss_only=True)["loss"]
+                                        ("--bf16", flag), first_loss_only=True, ds_config=args.ds_config)["loss"]
                           for name, flag in (("fp32", "false"), ("bf16", "true"))}
                 result["precision"] = {"model": model, "stage": "pft-s", "first_step_loss": losses,
                                        "relative_difference": round(abs(losses["bf16"] - losses["fp32"]) / losses["fp32"], 5)}

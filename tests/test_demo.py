@@ -138,7 +138,7 @@ def test_needle_bench_writes_hr_per_distance_and_plot(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     n = json.loads((results / "needle.json").read_text())
-    assert list(n["results"]) == ["text(20)", "pft-s(5)"] and n["chance"]["HR@1"] == 0.125
+    assert list(n["results"]) == ["text(20)", "pft-s(5)"] and n["chance"]["HR@1"] == 0.125 and n["complete"]
     for per_k in n["results"].values():
         assert set(per_k) == {"3", "30"}
         assert sum(v["examples"] for v in per_k.values()) == 20  # every test user, once

@@ -19,7 +19,7 @@ def test_dry_run_prints_and_checks_every_command():
                           timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     steps = [line.split("]")[0] for line in proc.stdout.splitlines() if line.startswith("+ [")]
-    assert [s.split(",")[0][3:] for s in steps] == ["shard", "gpu-tests", "train-step", "needle"]
+    assert [s.split(",")[0][3:] for s in steps] == ["shard", "gpu-tests", "train-step-zero2", "train-step", "needle"]
     assert "only the sharding ran" in proc.stdout
 
 
