@@ -202,7 +202,7 @@ def main() -> int:
     result = {"benchmark": "train_step", "command": " ".join(["python", "bench/train_step.py", *sys.argv[1:]]),
               "machine": {"device": device, "platform": platform.platform(), "torch": torch.__version__},
               "ds_config": args.ds_config,
-              "what": "median seconds per optimizer step (1 rank, ZeRO-3), steps after the first two; "
+              "what": "median seconds per optimizer step (1 rank, --ds-config), steps after the first two; "
                       "runs[model][micro_batch_N][packed|padded][stage]", "runs": {}, "summary": {}}
     packings = [p == "on" for p in args.packing.split(",")]
     result["target"] = {"smollm2_micro_batch_8_packed_step_time_ratio": 0.20}
@@ -210,10 +210,9 @@ def main() -> int:
 
     def save() -> None:
         """Rewrite --out after every run: a run cut short (a lent GPU's time limit) keeps what finished."""
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = f"{args.out}.tmp"
-        Path(tmp_out).write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_out, args.out)
+        from patchrec_dist.data import storage
+
+        storage.write_bytes_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or default_data(tmp)
@@ -234,7 +233,6 @@ def main() -> int:
                         result["runs"][model] = row
                         save()
                 result["summary"].setdefault(model, {})[f"micro_batch_{micro}"] = summarise(cell)
-            result["runs"][model] = row
             if args.compare_precision and model == args.models.split(",")[0]:  # before a larger model's runs
                 micro = int(args.micro_batches.split(",")[0])
                 losses = {name: run_one(data, source, "pft-s", 1, micro, os.path.join(tmp, f"precision-{name}"),

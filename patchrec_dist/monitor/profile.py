@@ -50,7 +50,7 @@ class StepProfiler:
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.prof = torch.profiler.profile(activities=activities)
-        self.prof.__enter__()
+        self.prof.start()
 
     def end(self, step: int) -> None:
         if self.prof is None or step != self.window[1]:
@@ -59,7 +59,7 @@ class StepProfiler:
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the window's kernels finish inside it
-        self.prof.__exit__(None, None, None)
+        self.prof.stop()
         self.write(self.prof)
         self.prof = None
 
@@ -69,7 +69,6 @@ class StepProfiler:
         events = prof.key_averages()
         on_device = torch.cuda.is_available()
         sort = "self_device_time_total" if on_device else "self_cpu_time_total"
-        steps = self.window[1] - self.window[0] + 1
         rows = sorted(events, key=lambda e: getattr(e, sort), reverse=True)[:TOP_OPS]
         table: dict[str, Any] = {
             "steps": list(self.window), "sorted_by": sort, "device": "cuda" if on_device else "cpu",
@@ -79,9 +78,8 @@ class StepProfiler:
                      "self_device_ms": round(getattr(e, "self_device_time_total", 0.0) / 1e3, 3)} for e in rows],
             "total_self_cpu_ms": round(sum(e.self_cpu_time_total for e in events) / 1e3, 3),
             "total_self_device_ms": round(sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3, 3),
-            "profiled_steps": steps,
         }
-        base = f"{self.output.rstrip('/')}/profile"
+        base = storage.join(self.output, "profile")
         storage.write_bytes_atomic(f"{base}/ops.txt", events.table(sort_by=sort, row_limit=TOP_OPS).encode())
         storage.write_bytes_atomic(f"{base}/ops.json", (json.dumps(table, indent=1) + "\n").encode())
         with tempfile.TemporaryDirectory() as tmp:  # torch writes a local file; the output may be a URL
