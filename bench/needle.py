@@ -3,6 +3,7 @@
     python bench/needle.py                                  # tiny model on CPU, under 15 min here
     python bench/needle.py --layouts "pft-s(2),pft-s(5),pft-s(10)" --name needle-g   # session size g
     python bench/needle.py --steps 2000 --layouts "budget(160),budget(512)" --name needle-budget
+    python bench/needle.py --pretrain-steps 1000 --layouts "budget(512)" --name needle-ppt  # PPT first
     python bench/needle.py --model smollm2 --cpu false --lr 2e-4 --needles 32 --micro-batch 32  # a GPU
 
 Every user's one target is set by a single "needle" item k positions before it (a fixed random
@@ -13,7 +14,10 @@ examples under each layout (text with the last 20 items, PFT-I(5), PFT-S(g), a 5
 budget; text with the whole history where it fits) and evaluated with the normal constrained
 evaluation (10 beams, top 10: HR@1 and HR@10 are what the task reads). A layout that drops item k scores chance (1 / needles) at that k; one that keeps
 it can learn the map. Writes bench/results/needle.json (`results[layout][k]`: HR@1, HR@10,
-examples, and the layout's mean positions fed) and needle.png (HR@1 against k). Runs go
+examples, the layout's mean positions fed, and where the layout put the needle: `needle_in`,
+users per "text", "item", "session/g" or "dropped") and needle.png (HR@1 against k). With
+--pretrain-steps, one patch pre-training run on the task comes first and every layout fine-tunes
+from it (the method's two stages); without, every layout starts from the base model. Runs go
 through the launchers with the demo's machinery, so a rerun resumes where it stopped.
 """
 
@@ -36,7 +40,7 @@ import polars as pl  # noqa: E402
 from patchrec_dist.data import storage  # noqa: E402
 from patchrec_dist.data.synthetic import NeedleSpec, write_needle_log  # noqa: E402
 from patchrec_dist.demo import Demo, DemoConfig, machine_summary  # noqa: E402
-from patchrec_dist.evaluate.needle import hits_by_distance  # noqa: E402
+from patchrec_dist.evaluate.needle import hits_by_distance, needle_segments  # noqa: E402
 
 LAYOUTS = {
     "text(20)": ["--stage", "text", "--max-text-items", "20"],
@@ -61,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (1.5e-3 for tiny; about 1e-4 for a "
                                                             "pre-trained model)")
     p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="patch pre-training (PPT: items patched with a probability rising to 1, each example also "
+                        "all text) on the task first, at --lr and --micro-batch; every layout then fine-tunes from "
+                        "it (0: every layout starts from the base model)")
     p.add_argument("--tiny-hidden", type=int, default=64, help="the tiny model's hidden size")
     # ZeRO-2 by default: on one rank nothing is worth partitioning, and ZeRO-3's per-parameter
     # gathers, fills and partition copies were half of the tiny model's step (0.131 s against
@@ -87,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [x for x in args.layouts.split(",") if x not in LAYOUTS]
     if unknown:
         p.error(f"--layouts: unknown {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}")
+    if args.pretrain_steps < 0:
+        p.error(f"--pretrain-steps must be >= 0; got {args.pretrain_steps}")
     try:
         args.spec = NeedleSpec(users=args.users, min_history=args.min_history, max_history=args.max_history,
                                distances=tuple(int(x) for x in args.distances.split(",")), needles=args.needles,
@@ -118,7 +128,7 @@ def run_needle(args: argparse.Namespace) -> dict:
     folder = Path(args.work) / f"task-{hashlib.sha256(spec_blob.encode()).hexdigest()[:10]}"
     cfg = DemoConfig(output=str(folder), model=args.model, ranks=args.ranks, cpu=args.cpu, micro_batch=args.micro_batch,
                      max_history=0, finetune_steps=args.steps, finetune_lr=args.lr, eval_examples=0,
-                     eval_batch=64, beams=10, top_k=10, baselines="", pretrain_steps=0,  # HR@10 needs 10 beams
+                     eval_batch=64, beams=10, top_k=10, baselines="", pretrain_steps=args.pretrain_steps,  # HR@10: 10 beams
                      ds_config=args.ds_config)
     cfg.check()
     demo = Demo(cfg)
@@ -134,21 +144,26 @@ def run_needle(args: argparse.Namespace) -> dict:
         "command": " ".join(["python bench/needle.py", *sys.argv[1:]]),
         "task": dataclasses.asdict(args.spec),
         "chance": {"HR@1": round(1 / args.spec.needles, 4), "HR@10": round(min(1.0, 10 / args.spec.needles), 4)},
-        "model": args.model, "steps": args.steps, "lr": args.lr, "micro_batch": args.micro_batch, "ranks": args.ranks,
-        "ds_config": args.ds_config,
+        "model": args.model, "pretrain_steps": args.pretrain_steps, "steps": args.steps, "lr": args.lr,
+        "micro_batch": args.micro_batch, "ranks": args.ranks, "ds_config": args.ds_config,
         "train_examples": int((users["split"] == "train").sum()), "machine": machine_summary(args.cpu),
         "results": results, "overall": overall, "complete": False,
     }
+    common = ["--data", data, "--model", model, "--lr", str(args.lr), "--warmup-ratio", "0.05", "--grad-clip", "1.0",
+              *(["--tiny-hidden", str(args.tiny_hidden)] if args.model == "tiny" else [])]
+    init = []
+    if args.pretrain_steps:
+        pretrain = demo.train("pretrain", "launchers/pretrain.py", [*common, "--max-steps", str(args.pretrain_steps)])
+        init = ["--init", pretrain]
     for layout in args.layouts.split(","):
         label = layout.replace("(", "").replace(")", "")
         run = demo.train(f"ft-{label}", "launchers/finetune.py",
-                         ["--data", data, "--model", model, *LAYOUTS[layout], "--max-steps", str(args.steps),
-                          "--lr", str(args.lr), "--warmup-ratio", "0.05", "--grad-clip", "1.0",
-                          *(["--tiny-hidden", str(args.tiny_hidden)] if args.model == "tiny" else [])])
+                         [*common, *init, *LAYOUTS[layout], "--max-steps", str(args.steps)])
         metrics = demo.evaluate(label, data, ["--run", run], Path(run) / "eval-test", exclude_seen=False)
         fed = metrics["positions_fed_per_example"]
         per_k = hits_by_distance(str(Path(run) / "eval-test" / "predictions.jsonl"), users, ks=(1, 10))
-        results[layout] = {str(k): {**v, "positions_fed": fed} for k, v in per_k.items()}
+        where = needle_segments(run, users)
+        results[layout] = {str(k): {**v, "positions_fed": fed, "needle_in": where[k]} for k, v in per_k.items()}
         overall[layout] = {"HR@1": metrics["metrics"]["HR@1"], "HR@10": metrics["metrics"]["HR@10"],
                            "positions_fed_per_example": fed,
                            "text_positions_per_example": metrics["text_positions_per_example"]}

@@ -212,7 +212,9 @@ def needle_table(r: dict[str, dict]) -> list[str]:
         cut = "" if n.get("complete", True) else " The run was cut short: these layouts finished."
         out += ["", f"**Needle task, `{key}`** ({n['train_examples']:,} train users, histories of {t['min_history']} "
                 f"to {t['max_history']} items, {t['needles']} needles: chance HR@1 {n['chance']['HR@1']:.3f}): "
-                f"{n['model']}, {n['steps']} fine-tuning steps per layout (micro-batch {n['micro_batch']} x "
+                f"{n['model']}, " + (f"{n['pretrain_steps']} patch pre-training steps, then "
+                                     if n.get("pretrain_steps") else "") +
+                f"{n['steps']} fine-tuning steps per layout (micro-batch {n['micro_batch']} x "
                 f"{n['ranks']} ranks, lr {n['lr']}, `{n.get('ds_config', 'ds_configs/zero3.json')}`); "
                 f"`{n['command']}` on {_machine(n['machine'])}, "
                 f"{n['total_s'] / 60:.1f} min. {what} of the target by the needle's distance k. Plot: "

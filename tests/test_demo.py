@@ -134,7 +134,7 @@ def test_needle_bench_writes_hr_per_distance_and_plot(tmp_path):
     results = tmp_path / "results"
     cmd = [sys.executable, "bench/needle.py", "--users", "200", "--min-history", "20", "--max-history", "40",
            "--distances", "3,30", "--steps", "3", "--layouts", "text(20),pft-s(5)", "--test-users", "0.1",
-           "--work", str(tmp_path / "work"), "--results", str(results)]
+           "--pretrain-steps", "2", "--work", str(tmp_path / "work"), "--results", str(results)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     n = json.loads((results / "needle.json").read_text())
@@ -142,13 +142,28 @@ def test_needle_bench_writes_hr_per_distance_and_plot(tmp_path):
     for per_k in n["results"].values():
         assert set(per_k) == {"3", "30"}
         assert sum(v["examples"] for v in per_k.values()) == 20  # every test user, once
-        assert all(set(v) == {"HR@1", "HR@10", "examples", "positions_fed"} for v in per_k.values())
+        assert all(set(v) == {"HR@1", "HR@10", "examples", "positions_fed", "needle_in"} for v in per_k.values())
+        assert all(sum(v["needle_in"].values()) == v["examples"] for v in per_k.values())
+    # where each layout put the needle: text(20) feeds k = 3 as text and drops k = 30; PFT-S(5)
+    # feeds k = 3 as text (its last 5 items) and k = 30 inside a session patch
+    assert n["results"]["text(20)"]["3"]["needle_in"] == {"text": n["results"]["text(20)"]["3"]["examples"]}
+    assert list(n["results"]["text(20)"]["30"]["needle_in"]) == ["dropped"]
+    assert list(n["results"]["pft-s(5)"]["3"]["needle_in"]) == ["text"]
+    assert all(w.startswith("session/") for w in n["results"]["pft-s(5)"]["30"]["needle_in"])
     assert n["overall"]["pft-s(5)"]["positions_fed_per_example"] < n["overall"]["text(20)"]["positions_fed_per_example"]
     assert (results / "needle.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "HR@1 by needle distance k" in proc.stdout
+    assert n["pretrain_steps"] == 2  # every layout fine-tunes from the one PPT run
+    pretrain, = (tmp_path / "work").glob("task-*/runs/pretrain")
+    assert json.loads((pretrain / "DONE.json").read_text())["step"] == 2
+    for run in ("ft-text20", "ft-pft-s5"):
+        config = json.loads((pretrain.parent / run / "config.json").read_text())
+        assert config["init"] == str(pretrain)
     bad = subprocess.run([*cmd[:2], "--distances", "3,500", "--max-history", "100"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "largest distance" in bad.stderr
+    bad = subprocess.run([*cmd[:2], "--pretrain-steps", "-1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--pretrain-steps must be >= 0" in bad.stderr
 
 
 def test_exact_bench_compares_three_decodings(tmp_path):

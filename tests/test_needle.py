@@ -17,7 +17,8 @@ import pytest
 from patchrec_dist.data.manifest import load_manifest
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
 from patchrec_dist.data.synthetic import NeedleSpec, generate_needle_log, write_needle_log
-from patchrec_dist.evaluate.needle import hits_by_distance
+from patchrec_dist.evaluate.needle import hits_by_distance, segment_of
+from patchrec_dist.patching.layouts import LayoutSpec, layout_arrays
 from tests.conftest import REPO
 from tools.shard_histories import main as shard_main
 
@@ -124,6 +125,17 @@ def test_hits_by_distance_groups_by_k(tmp_path):
     with pytest.raises(ValueError, match="line 1: user '9'"):
         preds.write_text(json.dumps({"user": "9", "target_title": "A", "top": []}) + "\n")
         hits_by_distance(str(preds), users)
+
+
+def test_segment_of_names_what_feeds_an_item_at_each_boundary():
+    # PFT-S(5) of 23 items: sessions [0, 3) [3, 8) [8, 13), item patches 13..17, text 18..22
+    pfts = layout_arrays(LayoutSpec(stage="pft-s", group_size=5), 23)
+    assert [segment_of(pfts, 23 - k) for k in (1, 5, 6, 10, 11, 15, 16, 20, 21, 23)] == [
+        "text", "text", "item", "item", "session/5", "session/5", "session/5", "session/5", "session/3", "session/3"]
+    text20 = layout_arrays(LayoutSpec(stage="text", max_text_items=20), 23)
+    assert [segment_of(text20, 23 - k) for k in (1, 20, 21, 23, 24)] == ["text", "text", "dropped", "dropped",
+                                                                         "dropped"]
+    assert segment_of(layout_arrays(LayoutSpec(stage="pft-i", item_len=5), 23), 0) == "item"
 
 
 @pytest.mark.multiproc
