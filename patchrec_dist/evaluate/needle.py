@@ -20,7 +20,7 @@ from patchrec_dist.data.manifest import load_manifest
 from patchrec_dist.data.stream import StreamConfig, StreamLoader
 from patchrec_dist.patching.features import Patcher
 from patchrec_dist.patching.layouts import ITEM, TEXT, LayoutArrays
-from patchrec_dist.patching.prompt import build_prompt_tokens, resolve_template
+from patchrec_dist.patching.prompt import resolve_template
 from patchrec_dist.train.config import read_run_config
 
 
@@ -52,17 +52,15 @@ def needle_segments(run: str, users: pl.DataFrame, split: str = "test") -> dict[
     own patch), "session/g" (one of g items in a session patch), or "dropped" (cut by max_history).
     USERS: user, k (users.parquet of `data.synthetic.write_needle_log`). Reads the run's config,
     data set and exported tokenizer; no model is loaded."""
-    # transformers comes in here only: scoring (hits_by_distance) does not need it
-    from transformers import AutoTokenizer
-
-    from patchrec_dist.evaluate.recommend import layout_for
-    from patchrec_dist.model.load import local_model_dir, with_patchrec_vocabulary
+    # imported here: they bring torch and transformers, which scoring (hits_by_distance) does not need
+    from patchrec_dist.evaluate.recommend import layout_for, load_prompt_tokens
+    from patchrec_dist.model.load import local_model_dir
 
     run_cfg = read_run_config(run)
     manifest = load_manifest(run_cfg["data"])
-    tokenizer = with_patchrec_vocabulary(AutoTokenizer.from_pretrained(local_model_dir(storage.join(run, "final"))))
     template = resolve_template(manifest.prompt, run_cfg.get("prompt_file"), run_cfg.get("domain"))
-    patcher = Patcher(build_prompt_tokens(tokenizer, template, catalog_titles(manifest)), layout_for(run_cfg))
+    _, tokens = load_prompt_tokens(local_model_dir(storage.join(run, "final")), catalog_titles(manifest), template)
+    patcher = Patcher(tokens, layout_for(run_cfg))
     k_of = {str(u): int(k) for u, k in zip(users["user"].to_list(), users["k"].to_list())}
     stream = StreamConfig(split=split, batch_size=64, shuffle=False, remainder="pad", num_workers=0,
                           max_history=run_cfg.get("max_history") or None)

@@ -61,14 +61,22 @@ class GenerationModel:
     device: torch.device
 
 
+def load_prompt_tokens(model_dir: str, titles: list[str], template: PromptTemplate) -> tuple[Any, PromptTokens]:
+    """MODEL_DIR's tokenizer with the PatchRec tokens, and the prompt pieces and TITLES in its ids
+    (what a layout is built from; no model is loaded)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = with_patchrec_vocabulary(AutoTokenizer.from_pretrained(model_dir))
+    return tokenizer, build_prompt_tokens(tokenizer, template, titles)
+
+
 def load_for_generation(model_dir: str, titles: list[str], template: PromptTemplate, device: torch.device,
                         dtype: torch.dtype, attn_implementation: str = "sdpa") -> GenerationModel:
     """MODEL_DIR (a local HF folder) with the PatchRec tokens (a base model meets them here, with the
     mean-initialised rows training gives it), the prompt pieces and the title trie of TITLES."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = with_patchrec_vocabulary(AutoTokenizer.from_pretrained(model_dir))
-    tokens = build_prompt_tokens(tokenizer, template, titles)
+    tokenizer, tokens = load_prompt_tokens(model_dir, titles, template)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
     resize_for_tokenizer(model, len(tokenizer), zero3=False)
     return GenerationModel(model.to(device).eval(), tokenizer, tokens, TitleTrie.from_prompt_tokens(tokens), device)
